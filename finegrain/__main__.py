@@ -1,0 +1,4 @@
+"""`python -m finegrain` (and `torchrun -m finegrain`) runs the CLI."""
+from finegrain.cli import main
+
+main()

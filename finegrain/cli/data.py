@@ -1,0 +1,56 @@
+"""`finegrain data info`: check a data set's layout (and optionally its images) before training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from finegrain.data import check_images, kinds, load_splits
+from finegrain.errors import FinegrainError
+
+app = typer.Typer(help="Inspect data sets before training.", no_args_is_help=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Inspect data sets before training (keeps `info` a sub-command while it is the only one)."""
+
+
+def data_info(kind: str, root: str | Path, check: bool = False, **opts: Any) -> dict[str, Any]:
+    """Split sizes and class counts of a data set (keys train, test, classes, test_classes);
+    with `check`, also the images that cannot be decoded (key bad_images)."""
+    splits = load_splits(kind, root, **opts)
+    train, test = splits["train"], splits["test"]
+    info: dict[str, Any] = {
+        "kind": kind, "root": str(Path(root).expanduser().resolve()),
+        "train": len(train), "test": len(test), "classes": len(train.classes), "test_classes": len(test.classes),
+    }
+    if check:
+        info["bad_images"] = check_images(train.samples + test.samples)
+    return info
+
+
+@app.command("info")
+def info(
+    kind: Optional[str] = typer.Option(None, "--kind", help="Data set kind: " + ", ".join(kinds())),
+    data: Path = typer.Option(..., "--data", help="The data set's folder, as downloaded (see datasets/README.md)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    check: bool = typer.Option(False, "--check-images", help="Also decode every image and list the bad ones"),
+) -> None:
+    """Print the size of each split and the class count, or one clear error about the layout."""
+    if kind is None:
+        raise FinegrainError(f"Say which data set this is. Pass --kind, one of: {', '.join(kinds())}.")
+    result = data_info(kind, data, check=check)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{kind} at {result['root']}")
+    typer.echo(f"  train: {result['train']:,} images, {result['classes']:,} classes")
+    typer.echo(f"  test:  {result['test']:,} images, {result['test_classes']:,} classes")
+    if check:
+        bad = result["bad_images"]
+        typer.echo(f"  undecodable images: {len(bad)}")
+        for path in bad:
+            typer.echo(f"    {path}")

@@ -1,0 +1,100 @@
+"""`finegrain models` and `finegrain bench`: the zoo at a glance and its speed."""
+from __future__ import annotations
+
+import json
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from finegrain.models import VARIANTS, create_model
+from finegrain.runtime import default_device
+
+console = Console()
+
+
+def count_macs(model: torch.nn.Module, resolution: int) -> int:
+    """Multiply-accumulates of one image (torch's FLOP counter / 2: convs and dense layers).
+
+    Runs on whatever device the model is on; a model built on the meta device counts in
+    milliseconds without computing anything.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, resolution, resolution, device=device))
+    return counter.get_total_flops() // 2
+
+
+def model_rows(num_classes: int = 1000) -> list[dict]:
+    rows = []
+    for name, spec in VARIANTS.items():
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes)
+        rows.append({
+            "name": name,
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "macs": count_macs(model, spec.resolution),
+            "resolution": spec.resolution,
+            "description": spec.description,
+        })
+    return rows
+
+
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, params, macs, resolution}."),
+    num_classes: int = typer.Option(1000, help="Classifier size used for the parameter count."),
+) -> None:
+    """List every registered variant with its parameters and MACs at its paper resolution."""
+    rows = model_rows(num_classes)
+    if as_json:
+        print(json.dumps([{k: row[k] for k in ("name", "params", "macs", "resolution")} for row in rows], indent=1))
+        return
+    table = Table(title=f"finegrain models ({num_classes} classes)")
+    for column in ("name", "params", "MACs", "res", "what"):
+        table.add_column(column, justify="right" if column in ("params", "MACs", "res") else "left")
+    for row in rows:
+        table.add_row(row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['macs'] / 1e9:.2f}G",
+                      str(row["resolution"]), row["description"])
+    console.print(table)
+
+
+def bench(
+    model: str = typer.Argument(..., help="A registered model name, or a weights file of ours."),
+    batch: int = typer.Option(64, help="Batch size (the paper measures at 64)."),
+    resolution: int = typer.Option(0, help="Input side; 0 = the model's paper resolution."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Run both models channels_last."),
+    fast: bool = typer.Option(False, "--fast", help="Also time our inference fast path (BN folded, channels_last)."),
+    bf16: bool = typer.Option(False, "--bf16", help="With --fast: bf16 autocast (CUDA, or a CPU with native bf16)."),
+    iterations: int = typer.Option(3, help="Timed batches (median is reported)."),
+    base_width: int = typer.Option(0, help="Override base_width (0 = the variant's own)."),
+) -> None:
+    """Inference images/s of MODEL next to torchvision's ResNet-50 at 224, measured in the same run."""
+    import torchvision
+
+    from finegrain.eval.inference import InferenceModel, InferenceOptions
+    from finegrain.eval.throughput import measure_throughput
+    from finegrain.models import load_model, variant
+
+    device = default_device()
+    overrides = {"base_width": base_width} if base_width else {}
+    net = load_model(model) if model.endswith(".safetensors") else create_model(model, **overrides)
+    res = resolution or (net.preprocessing.crop if model.endswith(".safetensors") else variant(model).resolution)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.eval().to(device, memory_format=layout)
+    reference = torchvision.models.resnet50(weights=None).eval().to(device, memory_format=layout)
+    ours = measure_throughput(net, res, batch, device, channels_last, iterations=iterations)
+    ref = measure_throughput(reference, 224, batch, device, channels_last, iterations=iterations)
+    table = Table(title=f"inference throughput, batch {batch}, FP32, {device.type}")
+    for column in ("model", "resolution", "images/s", "ratio"):
+        table.add_column(column)
+    table.add_row("torchvision resnet50", "224", f"{ref:.1f}", "1.00")
+    table.add_row(model, str(res), f"{ours:.1f}", f"{ours / ref:.2f}")
+    if fast:
+        options = InferenceOptions.fast(device, bf16=bf16)
+        quick = measure_throughput(InferenceModel(net, options, device), res, batch, device, True, iterations=iterations)
+        label = f"{model} fast path" + (" bf16" if options.dtype is not None else " FP32")
+        table.add_row(label, str(res), f"{quick:.1f}", f"{quick / ref:.2f}")
+    console.print(table)

@@ -1,0 +1,188 @@
+"""Samples, splits and the registry of data-set readers behind `load_splits(kind, root)`.
+
+Every reader turns a data set in its native, as-downloaded layout into two `Split`s, "train"
+and "test", with the official split. Bad layouts fail early with one message that names the
+missing path and the layout that was expected, so a wrong `--data` costs seconds, not a run.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from finegrain.errors import FinegrainError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file and its class index (into the owning `Split.classes`)."""
+
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """Samples plus the class names their labels index. Zero-shot splits each have their own classes."""
+
+    samples: list[Sample]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [sample.label for sample in self.samples]
+
+
+Loader = Callable[..., dict[str, Split]]
+_LOADERS: dict[str, Loader] = {}
+_LAYOUTS: dict[str, str] = {}
+
+
+def register(kind: str, layout: str) -> Callable[[Loader], Loader]:
+    """Add a reader `fn(root: Path, **opts)` under `kind`; `layout` is quoted in error messages."""
+
+    def add(loader: Loader) -> Loader:
+        _LOADERS[kind] = loader
+        _LAYOUTS[kind] = layout
+        return loader
+
+    return add
+
+
+def kinds() -> list[str]:
+    """The data-set kinds `load_splits` reads."""
+    return sorted(_LOADERS)
+
+
+def layout_of(kind: str) -> str:
+    """What folder layout `kind` expects, in words (for help texts and errors)."""
+    return _LAYOUTS[_check_kind(kind)]
+
+
+def load_splits(kind: str, root: str | Path, **opts: object) -> dict[str, Split]:
+    """Read data set `kind` at `root`: {"train": Split, "test": Split} with the official split.
+
+    Options depend on the kind (e.g. `test_fraction`, `seed` for `folder`); an unknown option
+    is an error rather than silently ignored.
+    """
+    loader = _LOADERS[_check_kind(kind)]
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FinegrainError(
+            f"Data folder {root} does not exist or is not a folder. Point --data at the {kind} "
+            f"data set, laid out as: {_LAYOUTS[kind]}.")
+    accepted = [name for name in inspect.signature(loader).parameters if name != "root"]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise FinegrainError(
+            f"Unknown option(s) {', '.join(unknown)} for data kind {kind!r}. "
+            f"Use {', '.join(accepted) if accepted else 'no options'}.")
+    splits = loader(root, **opts)
+    for name, split in splits.items():
+        if not split.samples:
+            raise FinegrainError(
+                f"The {name} split of {root} holds no images. Check the folder; {kind} expects: {_LAYOUTS[kind]}.")
+    return splits
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in _LOADERS:
+        raise FinegrainError(f"Unknown data set kind {kind!r}. Use one of: {', '.join(kinds())}.")
+    return kind
+
+
+def require_file(root: Path, relative: str, kind: str) -> Path:
+    """`root/relative`, or an error naming it, the expected layout and a sub-folder that has it."""
+    path = root / relative
+    if path.is_file():
+        return path
+    children = sorted(child for child in root.iterdir() if child.is_dir()) if root.is_dir() else []
+    nested = [child for child in children if (child / relative).is_file()]
+    fix = (f"{nested[0] / relative} exists: pass --data {nested[0]}" if nested
+           else f"Point --data at the folder that holds {relative}")
+    raise FinegrainError(f"Missing {path}. The {kind} data set must be laid out as: {layout_of(kind)}. {fix}.")
+
+
+def load_mat(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The named variables of a MATLAB v5 file, squeezed, or one clear error."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise FinegrainError(f"Reading {path.name} needs scipy (it is a MATLAB file). "
+                             f"Install it: pip install scipy.") from None
+    try:
+        content = loadmat(path, squeeze_me=True)
+    except (ValueError, NotImplementedError, OSError, TypeError) as error:
+        raise FinegrainError(f"Cannot read {path} as a MATLAB file ({error}). Download it again; the data set's "
+                             f"original file is expected.") from None
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise FinegrainError(f"{path} lacks the variable(s) {', '.join(missing)}. Use the data set's original file.")
+    return content
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty, stripped lines of a split file, without '#' comments."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def require_images_exist(samples: Iterable[Sample], listed_in: Path) -> None:
+    """One error for all images a split file names that are not on disk (shows the first few)."""
+    missing = [sample.path for sample in samples if not Path(sample.path).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise FinegrainError(
+            f"{len(missing)} image(s) listed in {listed_in} are missing, e.g. {shown}. "
+            f"Extract the data set's images next to its split files (see datasets/README.md).")
+
+
+def samples_from(entries: Iterable[tuple[Path, str]], classes: list[str], listed_in: Path) -> list[Sample]:
+    """Samples for (path, class name) pairs, labelled by position in `classes`, files checked."""
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for path, name in entries:
+        if name not in index:
+            raise FinegrainError(f"{listed_in} names class {name!r}, which is not among the {len(classes)} known "
+                                 f"classes. Use the split files that came with the data set.")
+        samples.append(Sample(str(path), index[name]))
+    require_images_exist(samples, listed_in)
+    return samples
+
+
+def parse_int(text: str, path: Path, line: str) -> int:
+    """An integer field of a split file, or an error quoting the bad line."""
+    try:
+        return int(text)
+    except ValueError:
+        raise FinegrainError(f"Cannot read {path}: expected an integer in line {line!r}. "
+                             f"Use the unmodified split file from the data set.") from None
+
+
+def zero_shot(entries: list[tuple[Path, int]], class_names: dict[int, str], listed_in: Path) -> dict[str, Split]:
+    """Split (path, class id) pairs by class: the first half of the sorted ids train, the rest test.
+
+    Each split gets its own class list and labels 0..k-1, so a loss over the training classes
+    never sees a test class (the zero-shot protocol of CUB-200 and CARS196 retrieval).
+    """
+    ids = sorted(class_names)
+    if len(ids) < 2:
+        raise FinegrainError(f"{listed_in} defines {len(ids)} class(es); a zero-shot split needs at least 2. "
+                             f"Use the complete data set.")
+    half = (len(ids) + 1) // 2
+    return {name: _split_by_ids(entries, class_names, part, listed_in)
+            for name, part in (("train", ids[:half]), ("test", ids[half:]))}
+
+
+def _split_by_ids(entries: list[tuple[Path, int]], class_names: dict[int, str], ids: list[int],
+                  listed_in: Path) -> Split:
+    classes = [class_names[i] for i in ids]
+    wanted = set(ids)
+    chosen = ((path, class_names[class_id]) for path, class_id in entries if class_id in wanted)
+    return Split(samples_from(chosen, classes, listed_in), classes)

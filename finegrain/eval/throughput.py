@@ -1,0 +1,39 @@
+"""Inference throughput as the paper measures it: images/s at batch 64, FP32 unless asked."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+def measure_throughput(
+    model: nn.Module,
+    resolution: int,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    channels_last: bool = False,
+    warmup: int = 1,
+    iterations: int = 3,
+) -> float:
+    """Images per second of `model(x)` on random input [batch, 3, res, res] (median of runs).
+
+    `model` may be a plain module (run under inference_mode) or an InferenceModel (fast path).
+    """
+    device = device or next(model.parameters()).device
+    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    timings = []
+    with torch.inference_mode():
+        for step in range(warmup + iterations):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= warmup:
+                timings.append(time.perf_counter() - start)
+    timings.sort()
+    return batch_size / timings[len(timings) // 2]
