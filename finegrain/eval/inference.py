@@ -37,12 +37,15 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold every Conv2d -> BatchNorm2d pair of `model` in place; returns how many were folded."""
     folded = 0
     for module in list(model.modules()):
-        pairs = [(a, b) for a, b in CONV_BN_NAMES
-                 if isinstance(getattr(module, a, None), nn.Conv2d) and isinstance(getattr(module, b, None), nn.BatchNorm2d)]
-        for conv_name, bn_name in pairs:
-            setattr(module, conv_name, fold_conv_bn(getattr(module, conv_name), getattr(module, bn_name)))
-            setattr(module, bn_name, nn.Identity())
-            folded += 1
+        for conv_name, bn_name in CONV_BN_NAMES:
+            owner, conv = module, getattr(module, conv_name, None)
+            if isinstance(conv, nn.Sequential) and len(conv) and isinstance(conv[-1], nn.Conv2d):
+                owner, conv_name, conv = conv, str(len(conv) - 1), conv[-1]  # deep stem: last conv, then bn1
+            bn = getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(owner, conv_name, fold_conv_bn(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+                folded += 1
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):

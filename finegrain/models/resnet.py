@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finegrain.errors import FinegrainError
 from finegrain.layers.blur_pool import BlurPool2d
 from finegrain.layers.drop_block import DropBlock2d
 from finegrain.layers.gem import GeM
@@ -289,6 +290,9 @@ class ResNet(nn.Module):
                     module.zero_init_last()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.biglittle and min(x.shape[-2:]) < 32:
+            raise FinegrainError(f"BigLittle models need inputs of at least 32x32 pixels; got {tuple(x.shape[-2:])}. "
+                                 "Resize the images (the preprocessing's crop size) to 32 or more.")
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
