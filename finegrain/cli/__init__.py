@@ -27,7 +27,9 @@ def main() -> None:
     try:
         app()
     except FinegrainError as error:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        # Raised in a DataLoader worker, the message carries the worker's traceback: keep our text.
+        message = str(error).rsplit("FinegrainError: ", 1)[-1].strip()
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/yellow]")

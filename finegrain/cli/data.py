@@ -13,9 +13,9 @@ from finegrain.errors import FinegrainError
 app = typer.Typer(help="Inspect data sets before training.", no_args_is_help=True)
 
 
-@app.callback()
+@app.callback()  # keeps `info` a sub-command while it is the only one
 def _group() -> None:
-    """Inspect data sets before training (keeps `info` a sub-command while it is the only one)."""
+    """Inspect data sets before training."""
 
 
 def data_info(kind: str, root: str | Path, check: bool = False, **opts: Any) -> dict[str, Any]:

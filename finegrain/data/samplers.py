@@ -96,6 +96,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Imported here: pml pulls in scikit-learn, which classification runs never need.
         from pytorch_metric_learning.samplers import MPerClassSampler
         from pytorch_metric_learning.utils import common_functions
 

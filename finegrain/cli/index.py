@@ -1,0 +1,159 @@
+"""`finegrain index build | add | search | info`: parse, call finegrain.index, print."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finegrain.errors import FinegrainError
+from finegrain.eval.embed import DEFAULT_SHARD_SIZE
+
+app = typer.Typer(name="index", help="Build and query a faiss search index of an image collection.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+
+
+def _fail(error: FinegrainError) -> None:
+    console.print(f"[red]error:[/red] {error}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _summary(report, verb: str) -> None:
+    index = report.manifest["index"]
+    console.print(f"{verb} {report.added} images; the index holds {report.manifest['count']} vectors of dimension "
+                  f"{report.manifest['dim']}.", highlight=False)
+    if report.duplicates:
+        console.print(f"skipped {len(report.duplicates)} images whose content is already indexed "
+                      f"(e.g. {report.duplicates[0]}).", highlight=False)
+    if report.failed:
+        console.print(f"[yellow]{len(report.failed)} images could not be read and are not indexed[/yellow] "
+                      f"(listed in failed.json), e.g. {report.failed[0][0]}: {report.failed[0][1]}", highlight=False)
+    if report.shards_reused:
+        console.print(f"reused {report.shards_reused} embedding shards of an interrupted run.")
+    console.print(f"index {index['key']} {index['parameters']} ({index['reason']}): recall@{index['recall_k']} "
+                  f"{index['recall']:.3f} vs exact, {index['latency_ms']:.3f} ms/query batched "
+                  f"(exact {index['exact_latency_ms']:.3f}).", highlight=False)
+    if index["fallback"]:
+        console.print(f"[yellow]recall target not met by {index['requested_key']}:[/yellow] {index['fallback']}.",
+                      highlight=False)
+
+
+@app.command()
+def build(
+    weights: Path = typer.Option(..., help="Model weights saved by finegrain (safetensors)."),
+    images: Path = typer.Option(..., help="Folder of images; sub-folder names become labels."),
+    out: Path = typer.Option(..., help="Index folder to create (written atomically)."),
+    index_key: Optional[str] = typer.Option(None, help="faiss index_factory key; default: chosen from size and memory."),
+    max_memory: str = typer.Option("4G", help="Memory budget of the index, e.g. 512M, 4G."),
+    recall_target: float = typer.Option(0.95, help="Recall@k against exact search that tuning must reach."),
+    recall_k: int = typer.Option(10, help="k of the recall target."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(0, help="DataLoader worker processes for decoding."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...; default: a GPU when present."),
+    shard_size: int = typer.Option(DEFAULT_SHARD_SIZE, help="Images per resumable embedding shard."),
+) -> None:
+    """Embed every image and write a tuned faiss index with its metadata."""
+    from finegrain.index.build import build_index
+
+    try:
+        report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
+                             recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
+                             workers=workers, shard_size=shard_size)
+    except FinegrainError as error:
+        _fail(error)
+    _summary(report, "indexed")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def add(
+    index: Path = typer.Option(..., help="Index folder made by `finegrain index build`."),
+    images: Path = typer.Option(..., help="Folder of images to add."),
+    weights: Optional[Path] = typer.Option(None, help="The index's weights, if moved since the build."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: int = typer.Option(0, help="DataLoader worker processes for decoding."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: a GPU when present."),
+) -> None:
+    """Add images not indexed yet (by checksum), then rebuild and re-tune the index."""
+    from finegrain.index.build import add_images
+
+    try:
+        report = add_images(index, images, weights=weights, batch_size=batch_size, workers=workers, device=device)
+    except FinegrainError as error:
+        _fail(error)
+    _summary(report, "added")
+
+
+@app.command()
+def search(
+    index: Path = typer.Option(..., help="Index folder."),
+    queries: list[Path] = typer.Argument(..., help="Query image files or folders."),
+    k: int = typer.Option(10, help="Neighbours per query."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    grid: Optional[Path] = typer.Option(None, help="Also draw queries and neighbours into this PNG."),
+    weights: Optional[Path] = typer.Option(None, help="The index's weights, if moved since the build."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: a GPU when present."),
+) -> None:
+    """Print the k nearest indexed images of each query (path, label, cosine similarity)."""
+    from finegrain.index.search import draw_grid, search_index
+
+    try:
+        report = search_index(index, queries, k=k, weights=weights, device=device)
+        if grid is not None:
+            draw_grid(report, grid)
+    except FinegrainError as error:
+        _fail(error)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    for result in report.results:
+        table = Table(title=str(result.query), title_justify="left")
+        for column in ("rank", "similarity", "label", "path"):
+            table.add_column(column)
+        for n in result.neighbours:
+            table.add_row(str(n.rank), f"{n.similarity:.4f}", str(n.label or ""), n.path)
+        console.print(table)
+    for path, reason in report.failed:
+        console.print(f"[yellow]query {path} could not be read:[/yellow] {reason}", highlight=False)
+    if grid is not None:
+        console.print(f"wrote {grid}")
+
+
+@app.command()
+def info(
+    index: Path = typer.Option(..., help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Size, index type, memory, model, build parameters and measured recall of an index."""
+    from finegrain.index.build import describe
+
+    try:
+        facts = describe(index)
+    except FinegrainError as error:
+        _fail(error)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    table = Table(show_header=False, title=facts["path"], title_justify="left")
+    rows = [("vectors", f"{facts['size']} x {facts['dim']}"),
+            ("index", f"{facts['index_type']} {facts['search_parameters']}".strip()),
+            ("memory", f"{facts['memory_bytes'] / 2**20:.1f} MiB index, {facts['embeddings_bytes'] / 2**20:.1f} MiB embeddings"),
+            ("recall", f"{facts['recall']:.3f} @{facts['recall_k']} vs exact (target {facts['recall_target']})"),
+            ("latency", f"{facts['latency_ms']:.3f} ms/query batched, exact {facts['exact_latency_ms']:.3f}"),
+            ("model", f"{facts['model']['arch']} {facts['model']['weights']} sha256 {facts['model']['weights_sha256'][:16]}..."),
+            ("chosen", f"{facts['index']['chosen_by']}: {facts['index']['reason']}"),
+            ("built", f"{facts['build']['created']} from {', '.join(facts['build']['sources'])}"),
+            ("unreadable", str(facts["failed"]))]
+    if facts["fallback"]:
+        rows.append(("fallback", facts["fallback"]))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
