@@ -16,7 +16,7 @@ from finegrain.runtime import autocast, cpu_supports_bf16
 
 # (conv attribute, BN attribute) pairs of our modules, beyond Conv->BN pairs inside nn.Sequential.
 CONV_BN_NAMES: tuple[tuple[str, str], ...] = (
-    ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv", "bn"), ("conv5", "bn5"),
+    ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv", "bn"), ("conv_wide", "bn_wide"),
     ("fc1", "fc_bn"), ("big_conv", "big_bn"), ("little_conv1", "little_bn1"), ("little_conv2", "little_bn2"),
     ("little_conv3", "little_bn3"), ("merge_conv", "merge_bn"), ("conv_dw", "bn_dw"), ("conv_pw", "bn_pw"),
     ("conv_stem", "bn1"),

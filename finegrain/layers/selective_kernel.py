@@ -1,7 +1,7 @@
 """Selective Kernel unit (Li et al. 2019) in the paper's two forms.
 
 "doubled" (the paper's choice, Table 2 C3): one 3x3 conv with 2F outputs whose halves are the
-two branches. "original" (C2): separate 3x3 and 5x5 convs. Either way the branches are fused
+two branches. "original" (C2): separate 3x3 and 5x5 branches, the 5x5 as a 3x3 with dilation 2 as SKNet does. Either way the branches are fused
 by a global descriptor and re-weighted per channel by a softmax across branches.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ class SelectiveKernel(nn.Module):
         else:
             self.conv = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
             self.bn = nn.BatchNorm2d(width)
-            self.conv5 = nn.Conv2d(in_channels, width, 5, stride, 2, bias=False)
-            self.bn5 = nn.BatchNorm2d(width)
+            self.conv_wide = nn.Conv2d(in_channels, width, 3, stride, 2, dilation=2, bias=False)
+            self.bn_wide = nn.BatchNorm2d(width)
         self.act = nn.ReLU(inplace=True)
         hidden = max(width // reduction, min_hidden)
         self.fc1 = nn.Conv2d(width, hidden, 1, bias=False)
@@ -56,7 +56,7 @@ class SelectiveKernel(nn.Module):
             both = self.act(self.bn(self.conv(x)))
             branches = torch.stack(both.split(self.width, dim=1), dim=1)
         else:
-            branches = torch.stack([self.act(self.bn(self.conv(x))), self.act(self.bn5(self.conv5(x)))], dim=1)
+            branches = torch.stack([self.act(self.bn(self.conv(x))), self.act(self.bn_wide(self.conv_wide(x)))], dim=1)
         summary = branches.sum(dim=1).mean(dim=(2, 3), keepdim=True)
         logits = self.fc2(self.act(self.fc_bn(self.fc1(summary))))
         return select_branches(branches, logits.flatten(1).unflatten(1, (2, self.width)))
