@@ -6,7 +6,7 @@ import sys
 import typer
 from rich.console import Console
 
-from finegrain.cli import convert, data, models
+from finegrain.cli import convert, data, models, robustness
 from finegrain.errors import FinegrainError
 
 app = typer.Typer(
@@ -20,6 +20,8 @@ app.command("models")(models.models)
 app.command("bench")(models.bench)
 app.command("convert")(convert.convert)
 app.add_typer(data.app, name="data")
+app.command("robustness")(robustness.robustness)
+app.command("compare")(robustness.compare)
 
 
 def main() -> None:

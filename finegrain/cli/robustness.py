@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +33,8 @@ def recorded_data(metadata: dict[str, str]) -> tuple[str, Path, dict[str, Any]] 
     return str(entry.get("kind", "folder")), Path(entry["root"]), dict(entry.get("options") or {})
 
 
-def _resolve_data(weights_metadata: dict[str, str], data: Optional[Path], kind: str) -> tuple[str, Path, dict[str, Any]]:
+def _resolve_data(weights_metadata: dict[str, str], data: Optional[Path],
+                  kind: str) -> tuple[str, Path, dict[str, Any]]:
     from finegrain.data import demo_root
 
     if data is not None:
@@ -108,7 +108,6 @@ def robustness(
         "arch": getattr(model, "arch", type(model).__name__),
         "data": {"kind": data_kind, "root": str(Path(data_root).resolve()), "split": "test", "options": options},
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(),
     })
     out = json_out or weights.with_name(f"{weights.stem}.robustness.json")
     with atomic_path(out) as tmp:
@@ -170,7 +169,8 @@ def plot_corruption_errors(result: dict[str, Any], path: Path) -> None:
     ax.axhline(100 * (1 - result["top1"]), color="black", linestyle="--", linewidth=1, label="clean error")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel("top-1 error (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # headroom above 100% for the legend
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(f"{result.get('name', '')}  mCE {_percent(result['mce'])}%")
     ax.legend(fontsize="small", ncols=min(len(levels) + 1, 6), loc="upper left")
     fig.tight_layout()
