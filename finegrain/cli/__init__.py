@@ -6,7 +6,7 @@ import sys
 import typer
 from rich.console import Console
 
-from finegrain.cli import convert, data, models, robustness
+from finegrain.cli import backbone, convert, data, eval as evaluate, fgvc, index, models, recipes, retrieval, robustness
 from finegrain.errors import FinegrainError
 
 app = typer.Typer(
@@ -19,9 +19,16 @@ app = typer.Typer(
 app.command("models")(models.models)
 app.command("bench")(models.bench)
 app.command("convert")(convert.convert)
-app.add_typer(data.app, name="data")
+app.command("fgvc")(fgvc.fgvc)
+app.command("eval")(evaluate.evaluate)
+app.command("retrieval")(retrieval.retrieval)
+app.add_typer(index.app, name="index")
+app.add_typer(backbone.app, name="backbone")
+app.command("teacher-logits")(backbone.teacher_logits)
 app.command("robustness")(robustness.robustness)
 app.command("compare")(robustness.compare)
+app.add_typer(recipes.app, name="recipes")
+app.add_typer(data.app, name="data")
 
 
 def main() -> None:

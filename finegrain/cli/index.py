@@ -1,4 +1,7 @@
-"""`finegrain index build | add | search | info`: parse, call finegrain.index, print."""
+"""`finegrain index build | add | search | info`: parse, call finegrain.index, print.
+
+Bad input raises FinegrainError, which `finegrain.cli.main` prints as one line (exit status 2).
+"""
 from __future__ import annotations
 
 import json
@@ -9,17 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finegrain.errors import FinegrainError
 from finegrain.eval.embed import DEFAULT_SHARD_SIZE
 
 app = typer.Typer(name="index", help="Build and query a faiss search index of an image collection.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
-
-
-def _fail(error: FinegrainError) -> None:
-    console.print(f"[red]error:[/red] {error}", highlight=False)
-    raise typer.Exit(code=2)
 
 
 def _summary(report, verb: str) -> None:
@@ -34,12 +31,25 @@ def _summary(report, verb: str) -> None:
                       f"(listed in failed.json), e.g. {report.failed[0][0]}: {report.failed[0][1]}", highlight=False)
     if report.shards_reused:
         console.print(f"reused {report.shards_reused} embedding shards of an interrupted run.")
-    console.print(f"index {index['key']} {index['parameters']} ({index['reason']}): recall@{index['recall_k']} "
+    console.print(f"index {_key(index['key'], index['parameters'])} ({index['reason']}): recall@{index['recall_k']} "
                   f"{index['recall']:.3f} vs exact, {index['latency_ms']:.3f} ms/query batched "
                   f"(exact {index['exact_latency_ms']:.3f}).", highlight=False)
     if index["fallback"]:
         console.print(f"[yellow]recall target not met by {index['requested_key']}:[/yellow] {index['fallback']}.",
                       highlight=False)
+
+
+def _key(key: str, parameters: str) -> str:
+    return f"{key} {parameters}".strip()
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 @app.command()
@@ -59,12 +69,9 @@ def build(
     """Embed every image and write a tuned faiss index with its metadata."""
     from finegrain.index.build import build_index
 
-    try:
-        report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
-                             recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
-                             workers=workers, shard_size=shard_size)
-    except FinegrainError as error:
-        _fail(error)
+    report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
+                         recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
+                         workers=workers, shard_size=shard_size)
     _summary(report, "indexed")
     console.print(f"wrote {out}")
 
@@ -81,10 +88,7 @@ def add(
     """Add images not indexed yet (by checksum), then rebuild and re-tune the index."""
     from finegrain.index.build import add_images
 
-    try:
-        report = add_images(index, images, weights=weights, batch_size=batch_size, workers=workers, device=device)
-    except FinegrainError as error:
-        _fail(error)
+    report = add_images(index, images, weights=weights, batch_size=batch_size, workers=workers, device=device)
     _summary(report, "added")
 
 
@@ -101,12 +105,9 @@ def search(
     """Print the k nearest indexed images of each query (path, label, cosine similarity)."""
     from finegrain.index.search import draw_grid, search_index
 
-    try:
-        report = search_index(index, queries, k=k, weights=weights, device=device)
-        if grid is not None:
-            draw_grid(report, grid)
-    except FinegrainError as error:
-        _fail(error)
+    report = search_index(index, queries, k=k, weights=weights, device=device)
+    if grid is not None:
+        draw_grid(report, grid)
     if as_json:
         typer.echo(report.to_json())
         return
@@ -131,17 +132,14 @@ def info(
     """Size, index type, memory, model, build parameters and measured recall of an index."""
     from finegrain.index.build import describe
 
-    try:
-        facts = describe(index)
-    except FinegrainError as error:
-        _fail(error)
+    facts = describe(index)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
     table = Table(show_header=False, title=facts["path"], title_justify="left")
     rows = [("vectors", f"{facts['size']} x {facts['dim']}"),
-            ("index", f"{facts['index_type']} {facts['search_parameters']}".strip()),
-            ("memory", f"{facts['memory_bytes'] / 2**20:.1f} MiB index, {facts['embeddings_bytes'] / 2**20:.1f} MiB embeddings"),
+            ("index", _key(facts["index_type"], facts["search_parameters"])),
+            ("memory", f"{_size(facts['memory_bytes'])} index, {_size(facts['embeddings_bytes'])} embeddings (kept on disk)"),
             ("recall", f"{facts['recall']:.3f} @{facts['recall_k']} vs exact (target {facts['recall_target']})"),
             ("latency", f"{facts['latency_ms']:.3f} ms/query batched, exact {facts['exact_latency_ms']:.3f}"),
             ("model", f"{facts['model']['arch']} {facts['model']['weights']} sha256 {facts['model']['weights_sha256'][:16]}..."),

@@ -73,9 +73,10 @@ def eval_transform(pre: Preprocessing) -> ImageTransform:
     return ImageTransform(geometry, pre, stochastic=False)
 
 
-def retrieval_train_transform(pre: Preprocessing, size: int = 224) -> ImageTransform:
+def retrieval_train_transform(pre: Preprocessing, size: int = 224, autoaugment: str | None = None) -> ImageTransform:
     """Paper Appendix C: with p 0.5 resize to size x size ignoring aspect, else resize to
-    round(size * 256 / 224) square and random-crop size x size; then horizontal flip."""
+    round(size * 256 / 224) square and random-crop size x size; then horizontal flip; optional
+    AutoAugment (CARS196, Table 18)."""
     enlarged = round(size * 256 / 224)
     geometry = [
         A.OneOf([
@@ -84,7 +85,7 @@ def retrieval_train_transform(pre: Preprocessing, size: int = 224) -> ImageTrans
         ], p=1.0),
         A.HorizontalFlip(p=0.5),
     ]
-    return ImageTransform(geometry, pre)
+    return ImageTransform(geometry, pre, _autoaugment(autoaugment))
 
 
 def retrieval_eval_transform(pre: Preprocessing, size: int = 256) -> ImageTransform:

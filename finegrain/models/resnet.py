@@ -317,5 +317,6 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def classifier_prefixes(self) -> tuple[str, ...]:
-        """Parameter prefixes that a warm start from another task does not copy."""
-        return ("fc.", "embedding.")
+        """Parameter prefixes that a warm start from another task does not copy (a learnable GeM p
+        is part of the retrieval head, absent from classifier checkpoints)."""
+        return ("fc.", "embedding.", "global_pool.")

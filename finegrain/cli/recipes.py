@@ -1,0 +1,45 @@
+"""`finegrain recipes`: list the shipped recipes, or print one fully resolved."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+results = Console()
+
+app = typer.Typer(help="List the shipped recipes; `show NAME` prints one resolved.", invoke_without_command=True,
+                  no_args_is_help=False)
+
+
+@app.callback()
+def list_recipes(ctx: typer.Context) -> None:
+    """List every recipe with its description."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from finegrain.recipes import RECIPES_DIR, find_recipe, list_recipes, read_recipe_yaml
+
+    table = Table(title=f"recipes in {RECIPES_DIR}")
+    table.add_column("name")
+    table.add_column("description")
+    for name in list_recipes():
+        table.add_row(name, str(read_recipe_yaml(find_recipe(name)).get("description", "")))
+    results.print(table)
+
+
+@app.command("show")
+def show(
+    name: str = typer.Argument(..., help="Recipe name (fgvc/food101, food101, ...) or a .yaml path"),
+    assignments: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key: --set optim.lr=0.02"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML"),
+) -> None:
+    """Print one recipe with every default filled in and the overrides applied (validated)."""
+    from finegrain.recipes import load_recipe, recipe_to_dict, recipe_to_yaml
+
+    recipe = load_recipe(name, list(assignments or []))
+    if as_json:
+        print(json.dumps(recipe_to_dict(recipe), indent=2))
+    else:
+        print(recipe_to_yaml(recipe), end="")

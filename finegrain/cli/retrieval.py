@@ -1,0 +1,116 @@
+"""`finegrain retrieval`: fine-tune an embedder for zero-shot image retrieval, or evaluate one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from finegrain.errors import FinegrainError
+
+console = Console(stderr=True)  # progress and log lines
+results = Console()  # the figures, on stdout
+
+
+def _quoted(value: Path | str) -> str:
+    """A --set value that YAML reads back as this exact string (paths with ':' or spaces)."""
+    return json.dumps(str(value))
+
+
+def _load(name: str, overrides: list[str], loss: Optional[str]) -> Any:
+    """The recipe with its overrides; a --loss other than the recipe's drops the recipe's loss
+    arguments (they belong to the other loss) before the user's --set apply."""
+    from finegrain.recipes import load_recipe
+    from finegrain.train.retrieval import RetrievalRecipe
+
+    recipe = load_recipe(name, overrides, group="retrieval", schema=RetrievalRecipe)
+    if loss is None or loss == recipe.retrieval.loss.name:
+        return recipe
+    return load_recipe(name, [f"retrieval.loss.name={_quoted(loss)}", "retrieval.loss.args={}", *overrides],
+                       group="retrieval", schema=RetrievalRecipe)
+
+
+def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
+    """One row per metric (Recall@K..., MAP@R), one column per run state, in percent."""
+    table = Table(title=title or None)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys(k for values in columns.values() for k in values
+                              if k.startswith("recall@") or k == "map@r"))
+    for key in keys:
+        label = "MAP@R" if key == "map@r" else f"Recall@{key.split('@')[1]}"
+        table.add_row(label, *(f"{100 * values[key]:.2f}" if key in values else "-" for values in columns.values()))
+    return table
+
+
+def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str]) -> None:
+    from finegrain.models import read_weights
+    from finegrain.train.retrieval import evaluate_checkpoint
+
+    if weights is None:
+        raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
+    _, metadata = read_weights(weights)
+    beside = weights.parent / "recipe.yaml"  # the run directory's resolved recipe
+    recipe_name = recipe_name or (str(beside) if beside.is_file() else metadata.get("finegrain.recipe"))
+    if recipe_name is None:
+        raise FinegrainError(f"{weights} does not record its recipe. Pass --recipe NAME (its data and Recall@K).")
+    if data is None and metadata.get("finegrain.data"):
+        data = Path(json.loads(metadata["finegrain.data"])["root"])
+    recipe = _load(recipe_name, overrides + ([f"data.root={_quoted(data)}"] if data else []), None)
+    report = evaluate_checkpoint(weights, recipe)
+    results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
+                  f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
+    results.print(_metrics_table("zero-shot retrieval", {"%": report.to_metrics()}))
+
+
+def retrieval(
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (sop, cub200, cars196, demo) or a "
+                                         ".yaml path; with --resume the run's own recipe is the default"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="arcface, softmax, or any pytorch-metric-learning loss "
+                                       "class name (its arguments via --set retrieval.loss.args={...})"),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data set folder (sets data.root)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights to warm-start from; with "
+                                           "--eval-only, the embedder checkpoint to evaluate"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: output.dir or runs/RECIPE)"),
+    assignments: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key: --set optim.lr=0.02"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its resume state"),
+    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --weights: Recall@K and MAP@R"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+) -> None:
+    """Fine-tune a GeM embedder with a metric loss; Recall@K / MAP@R on unseen classes every epoch."""
+    from finegrain.recipes import RECIPES_DIR
+    from finegrain.train import report
+    from finegrain.train.fgvc import same_recipe_or_error
+    from finegrain.train.retrieval import run_retrieval
+
+    overrides = list(assignments or [])
+    if eval_only:
+        if resume:
+            raise FinegrainError("--eval-only and --resume do not go together. Drop one of them.")
+        _eval_only(recipe, weights, data, overrides)
+        return
+    if data is not None:
+        overrides.append(f"data.root={_quoted(data)}")
+    if weights is not None:
+        overrides.append(f"model.weights={_quoted(weights)}")
+    saved_path = out / "recipe.yaml" if resume and out is not None else None
+    if resume and (saved_path is None or not saved_path.is_file()):
+        raise FinegrainError("--resume needs --out pointing at a run directory with recipe.yaml. Pass --out RUN.")
+    if recipe is None and saved_path is None:
+        raise FinegrainError(f"No recipe given. Pass --recipe NAME (e.g. demo; see {RECIPES_DIR / 'retrieval'}).")
+    chosen = _load(str(saved_path) if recipe is None else recipe, overrides, loss)
+    if saved_path is not None:
+        same_recipe_or_error(_load(str(saved_path), [], None), chosen)
+    run_dir = out or Path(chosen.output.dir or Path("runs") / chosen.name)
+    summary = run_retrieval(chosen, run_dir, resume=resume, progress=not quiet,
+                            echo=lambda message: console.print(message, highlight=False, markup=False))
+    rows = {row["epoch"]: row for row in report.read_metrics(Path(run_dir))}
+    best_epoch = summary["best"]["epoch"]
+    columns = {"epoch 0 (not fine-tuned)": rows.get(0, {}), f"best (epoch {best_epoch})": rows.get(best_epoch, {})}
+    results.print(f"{chosen.name}: zero-shot retrieval on the unseen test classes (%)", highlight=False)
+    results.print(_metrics_table("", columns))
+    results.print(f"best checkpoint: {Path(run_dir) / 'best.safetensors'}", highlight=False)

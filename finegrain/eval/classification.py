@@ -1,0 +1,93 @@
+"""Classification evaluation: logits over a loader, top-k accuracy as fractions in [0, 1]."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from finegrain.errors import FinegrainError
+from finegrain.runtime import autocast
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
+                   channels_last: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Run `model` in eval mode over `loader` (items `(images, labels, ...)`).
+
+    Returns (logits [N, C] fp32 on CPU, labels [N] int64), in loader order. `dtype` autocasts
+    (bf16/fp16) for speed; logits come back in fp32 either way. The model's train/eval mode is
+    restored afterwards, so this can run in the middle of training.
+    """
+    was_training = model.training
+    model.eval()
+    all_logits: list[Tensor] = []
+    all_labels: list[Tensor] = []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    try:
+        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            images, labels = batch[0], batch[1]
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            with autocast(device, dtype):
+                logits = model(images)
+            all_logits.append(logits.float().cpu())
+            all_labels.append(torch.as_tensor(labels).long().cpu())
+    finally:
+        model.train(was_training)
+    if not all_logits:
+        raise FinegrainError("The evaluation data set is empty. Check the test split of --data.")
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Fraction of rows whose label is among the k highest logits, for each k.
+
+    logits [N, C], labels [N]. Keys "top1", "top5", ...; a k above C counts every row as a hit
+    (there are only C candidates). Ties follow torch.topk's order.
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise FinegrainError(f"topk_accuracy needs logits [N, C] and labels [N], got {tuple(logits.shape)} "
+                             f"and {tuple(labels.shape)}. Pass matching arrays.")
+    if logits.shape[0] == 0:
+        raise FinegrainError("topk_accuracy got no rows. Evaluate on a non-empty split.")
+    max_k = min(max(ks), logits.shape[1])
+    top = logits.topk(max_k, dim=1).indices  # [N, max_k]
+    hits = top.eq(labels.view(-1, 1).to(top.device))  # [N, max_k]
+    return {f"top{k}": hits[:, :min(k, max_k)].any(dim=1).float().mean().item() for k in ks}
+
+
+def evaluate_checkpoint(weights: str | Path, data: str | Path, kind: str = "folder", split: str = "test",
+                        batch_size: int = 64, workers: int = 2, device: torch.device | None = None,
+                        progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 of one of our classifier checkpoints on a data set split, at the eval
+    preprocessing the checkpoint records. The checkpoint's class names (written by
+    `finegrain fgvc`) must be the data set's, in the same order."""
+    from finegrain.data import ImageDataset, load_splits
+    from finegrain.data.transforms import eval_transform
+    from finegrain.models import load_model
+    from finegrain.runtime import default_device
+    from finegrain.train.loader import eval_loader
+
+    device = device or default_device()
+    model = load_model(weights).to(device)
+    splits = load_splits(kind, data)
+    if split not in splits:
+        raise FinegrainError(f"The {kind} data set has no split {split!r}. Use one of: {', '.join(splits)}.")
+    chosen = splits[split]
+    recorded = json.loads(model.metadata.get("finegrain.classes", "null"))
+    if recorded is not None and recorded != chosen.classes:
+        differing = sorted(set(recorded) ^ set(chosen.classes))
+        detail = f"e.g. {differing[0]!r} is in only one of them" if differing else "the same names in another order"
+        raise FinegrainError(f"{weights} was trained on {len(recorded)} classes, {data} has {len(chosen.classes)} "
+                             f"({detail}). Evaluate it on the data set it was fine-tuned on.")
+    num_outputs = int(model.metadata.get("finegrain.num_classes", len(chosen.classes)))
+    if recorded is None and num_outputs != len(chosen.classes):
+        raise FinegrainError(f"{weights} predicts {num_outputs} classes, {data} has {len(chosen.classes)}. "
+                             "Fine-tune it on this data set first (`finegrain fgvc`).")
+    loader = eval_loader(ImageDataset(chosen.samples, eval_transform(model.preprocessing)), batch_size, workers,
+                         device.type == "cuda")
+    logits, labels = predict_logits(model, loader, device, progress=progress)
+    return {**topk_accuracy(logits, labels, ks=(1, 5)), "images": len(labels)}

@@ -1,0 +1,146 @@
+"""`finegrain index search`: embed queries with the index's own model, return their neighbours.
+
+Similarities are recomputed exactly from the kept embeddings for the candidates the index
+returns, so a compressed index (PQ, SQ8) still reports true cosine similarities and ranks by them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from finegrain.errors import FinegrainError
+from finegrain.eval.embed import embed_paths, embedding_mode
+from finegrain.fileio import atomic_path
+from finegrain.index.build import index_model, list_images
+from finegrain.index.store import IndexFolder
+from finegrain.preprocessing import Preprocessing
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    rank: int
+    id: int
+    path: str
+    label: str | None
+    similarity: float
+
+
+@dataclass
+class QueryResult:
+    query: str
+    neighbours: list[Neighbour]
+
+
+@dataclass
+class SearchReport:
+    """Neighbours of every readable query; unreadable queries are listed in `failed`."""
+
+    index: str
+    k: int
+    results: list[QueryResult]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "k": self.k, "results": [asdict(result) for result in self.results],
+                "failed": [{"path": path, "reason": reason} for path, reason in self.failed]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def expand_queries(queries: Sequence[str | Path]) -> list[Path]:
+    """Image files as given; folders replaced by the images under them."""
+    if not queries:
+        raise FinegrainError("No query given. Pass image files or folders of images.")
+    paths: list[Path] = []
+    for query in map(Path, queries):
+        if query.is_dir():
+            paths += list_images(query)
+        elif query.is_file():
+            paths.append(query)
+        else:
+            raise FinegrainError(f"Query {query} does not exist. Pass image files or folders of images.")
+    return paths
+
+
+def search_vectors(folder: IndexFolder, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids [Q, k] (-1 where fewer than k exist) and exact cosine similarities [Q, k], best first."""
+    if vectors.ndim != 2 or vectors.shape[1] != folder.dim:
+        raise FinegrainError(f"Query embeddings are {vectors.shape[-1]}-d, the index holds {folder.dim}-d vectors. "
+                             "Embed the queries with the index's own model.")
+    k = min(k, folder.count)
+    _, ids = folder.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    valid = ids >= 0
+    candidates = np.asarray(folder.embeddings[np.where(valid, ids, 0).ravel()]).reshape(*ids.shape, folder.dim)
+    similarity = np.where(valid, np.einsum("qkd,qd->qk", candidates, vectors), -np.inf)
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(similarity, order, 1)
+
+
+def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int = 10,
+                 weights: str | Path | None = None, device: str | None = None, batch_size: int = 64,
+                 progress: bool = False) -> SearchReport:
+    """The k nearest indexed images of each query image (files or folders)."""
+    if k < 1:
+        raise FinegrainError(f"--k {k} must be at least 1.")
+    paths = expand_queries(queries)
+    with IndexFolder(index_dir) as folder:
+        model, _ = index_model(folder.manifest, weights)
+        if embedding_mode(model) != folder.manifest["model"]["embedding"]:
+            raise FinegrainError("The model's embedding kind differs from the index's. Use the weights the index was built with.")
+        pre = Preprocessing.from_json(json.dumps(folder.manifest["model"]["preprocessing"]))
+        embedded = embed_paths(model, paths, pre, batch_size=batch_size, device=device, progress=progress)
+        results = []
+        if embedded.ok_paths:
+            ids, similarity = search_vectors(folder, embedded.embeddings, k)
+            for query, row_ids, row_sims in zip(embedded.ok_paths, ids, similarity):
+                valid = row_ids >= 0
+                items = folder.items(row_ids[valid])
+                results.append(QueryResult(query, [Neighbour(rank + 1, item.id, item.path, item.label, float(sim))
+                                                   for rank, (item, sim) in enumerate(zip(items, row_sims[valid]))]))
+        return SearchReport(str(Path(index_dir)), k, results, embedded.failed)
+
+
+def _thumbnail(path: str, size: int) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return ImageOps.pad(image.convert("RGB"), (size, size), color=(255, 255, 255))
+    except Exception:  # noqa: BLE001 - an image moved or damaged since indexing is drawn as grey
+        return Image.new("RGB", (size, size), (160, 160, 160))
+
+
+def draw_grid(report: SearchReport, out: str | Path, thumb: int = 112) -> Path:
+    """One row per query: the query (blue frame), then its neighbours with label and similarity
+    (green caption when the label matches the query's folder name, red otherwise)."""
+    if not report.results:
+        raise FinegrainError("No query could be embedded, so there is nothing to draw. Check the query images.")
+    columns, caption, pad = 1 + max(len(r.neighbours) for r in report.results), 28, 6
+    cell_w, cell_h = thumb + pad, thumb + caption + pad
+    sheet = Image.new("RGB", (columns * cell_w + pad, len(report.results) * cell_h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, result in enumerate(report.results):
+        y = pad + row * cell_h
+        query_label = Path(result.query).parent.name
+        sheet.paste(_thumbnail(result.query, thumb), (pad, y))
+        draw.rectangle([pad - 3, y - 3, pad + thumb + 2, y + thumb + 2], outline=(40, 90, 220), width=3)
+        draw.text((pad, y + thumb + 2), _fit(f"query: {query_label}", thumb), fill=(40, 90, 220))
+        for column, neighbour in enumerate(result.neighbours, start=1):
+            x = pad + column * cell_w
+            sheet.paste(_thumbnail(neighbour.path, thumb), (x, y))
+            colour = (20, 140, 20) if neighbour.label == query_label else (200, 30, 30)
+            draw.text((x, y + thumb + 2), _fit(str(neighbour.label), thumb), fill=colour)
+            draw.text((x, y + thumb + 14), f"{neighbour.similarity:.3f}", fill=(60, 60, 60))
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return Path(out)
+
+
+def _fit(text: str, width: int) -> str:
+    """Shorten a caption to the thumbnail width (PIL's default font is about 6 px a character)."""
+    limit = max(4, width // 6)
+    return text if len(text) <= limit else text[:limit - 1] + "…"

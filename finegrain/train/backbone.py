@@ -1,0 +1,112 @@
+"""Backbone pretraining (paper Section 3, Tables 7 and 9): a recipe plus an ImageNet-style data
+set in, a run directory out, whose checkpoints are the `--weights` of `finegrain fgvc` and
+`finegrain retrieval`.
+
+Pretraining is FGVC's classification task started from random initialisation with the backbone
+recipe (lr 0.4 at batch 1024, weight decay 1e-4, LS + Mixup + DropBlock + offline KD +
+AutoAugment), so it reuses finegrain.train.fgvc's task, transforms and sizes and the core
+trainer's run directory and exact resume. Only the model (no warm start needed), the KD file
+(keyed by path relative to the data root) and the provenance metadata differ.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from finegrain.errors import FinegrainError
+from finegrain.models import create_model, load_backbone_weights
+from finegrain.recipes import Recipe
+from finegrain.train.checkpoint import RESUME_FILE, seed_everything
+from finegrain.train.fgvc import ClassificationTask, fgvc_train_transform, recipe_preprocessing, resolve_data_root
+from finegrain.train.teacher_logits import teacher_logits_for_split
+from finegrain.train.trainer import Trainer
+
+
+@dataclass
+class BackboneRecipe(Recipe):
+    """The common recipe plus `kd_required`: the paper's KD experiments (E7, E11, E12, M5, M8)
+    refuse to start without teacher logits instead of silently training another experiment."""
+
+    kd_required: bool = False
+
+
+class BackboneTask(ClassificationTask):
+    """FGVC's classification task; checkpoints also say they are pretraining runs and which
+    teacher (if any) distilled into them."""
+
+    def __init__(self, classes: list[str], label_smoothing: float, temperature: float,
+                 teacher_logits: torch.Tensor | None, teacher: str | None) -> None:
+        super().__init__(classes, label_smoothing, temperature, teacher_logits)
+        self.teacher = teacher
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        extra = {"finegrain.task": "backbone"}
+        if self.teacher is not None:
+            extra["finegrain.kd_teacher"] = self.teacher
+        return {**super().checkpoint_metadata(), **extra}
+
+
+def build_backbone_model(recipe: Recipe, num_classes: int, echo: Callable[[str], None],
+                         resuming: bool = False) -> nn.Module:
+    """The recipe's network from random initialisation (zero-gamma where the family has it), or
+    warm-started from model.weights (e.g. continuing on a domain corpus after ImageNet)."""
+    model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
+    if recipe.model.weights:
+        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
+        if not resuming:
+            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
+                 f"{counts['skipped']} (classifier) skipped")
+    model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
+    return model
+
+
+def check_kd_settings(recipe: Recipe) -> None:
+    if getattr(recipe, "kd_required", False) and not recipe.regularization.kd.logits:
+        raise FinegrainError(
+            f"Recipe {recipe.name} distils from a teacher (the paper's KD), but regularization.kd.logits is not set. "
+            "Write the logits with `finegrain teacher-logits --weights TEACHER --data DIR --out FILE` and pass "
+            "--set regularization.kd.logits=FILE, or --set kd_required=false to train without KD.")
+
+
+def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
+                 progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pretrain per `recipe` on data.root (train/ + val/ or test/ class folders, or one folder of
+    class folders split by data.options.test_fraction) into `run_dir`; returns the trainer's
+    summary (best and last rows)."""
+    from finegrain.data import ImageDataset, load_splits
+    from finegrain.data.transforms import eval_transform
+
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    if not resume and (Path(run_dir) / RESUME_FILE).is_file():
+        raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out.")
+    check_kd_settings(recipe)
+    root = resolve_data_root(recipe.data.root)
+    splits = load_splits(recipe.data.kind, root, **recipe.data.options)
+    train, held_out = splits["train"], splits["test"]
+    if train.classes != held_out.classes:
+        raise FinegrainError(f"The train and validation splits have different classes ({len(train.classes)} vs "
+                             f"{len(held_out.classes)}). Pretraining needs one class list; check --data.")
+    regularization = recipe.regularization
+    teacher_logits = teacher = None
+    if regularization.kd.logits:
+        teacher_logits, metadata = teacher_logits_for_split(regularization.kd.logits, train, root)
+        teacher = metadata.get("finegrain.teacher")
+    seed_everything(recipe.train.seed)  # the random initialisation
+    model = build_backbone_model(recipe, len(train.classes), echo, resuming=resume)
+    task = BackboneTask(train.classes, regularization.label_smoothing, regularization.kd.temperature,
+                        teacher_logits, teacher)
+    pre = model.preprocessing
+    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, regularization.autoaugment,
+                                                                recipe.data.crop_min_area))
+    eval_set = ImageDataset(held_out.samples, eval_transform(pre))
+    echo(f"{recipe.name}: pretraining {recipe.model.name} on {len(train)} images / {len(train.classes)} classes "
+         f"(evaluated on {len(held_out)}), train {pre.train_size} px, eval {pre.resize}->{pre.crop}, "
+         f"lr {recipe.effective_lr():.4g} at batch {recipe.train.batch_size}"
+         f"{', KD from ' + str(regularization.kd.logits) if teacher_logits is not None else ''}, run dir {run_dir}")
+    trainer = Trainer(recipe, model, task, train_set, eval_set, run_dir, device=device, progress=progress, echo=echo)
+    return trainer.fit(resume=resume)

@@ -1,0 +1,173 @@
+"""FGVC fine-tuning (paper Appendix B): a recipe plus data and backbone weights in, a run out.
+
+`run_fgvc` is what `finegrain fgvc` calls; it builds the data, the model (warm-started from the
+backbone), the classification task, and hands them to the core trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from finegrain.errors import FinegrainError
+from finegrain.eval.classification import predict_logits, topk_accuracy
+from finegrain.models import create_model, load_backbone_weights
+from finegrain.preprocessing import Preprocessing
+from finegrain.recipes import Recipe, recipe_to_dict
+from finegrain.train.checkpoint import RESUME_FILE, seed_everything
+from finegrain.train.losses import ClassificationLoss
+from finegrain.train.teacher_logits import teacher_logits_for_split
+from finegrain.train.trainer import Task, TrainBatch, Trainer
+
+DEMO_DATA = "demo"  # `data.root: demo` means the data set shipped with finegrain
+
+
+class ClassificationTask(Task):
+    """Cross-entropy on (smoothed, mixed) labels [+ KD]; evaluated by top-1 / top-5 accuracy."""
+
+    best_metric = "top1"
+
+    def __init__(self, classes: list[str], label_smoothing: float = 0.0, temperature: float = 1.0,
+                 teacher_logits: Tensor | None = None) -> None:
+        self.classes = classes
+        self.criterion = ClassificationLoss(len(classes), label_smoothing, temperature)
+        self.teacher_logits = teacher_logits  # [N_train, C], rows in dataset order
+
+    def loss(self, model: nn.Module, batch: TrainBatch) -> Tensor:
+        logits = model(batch.images)
+        teacher = partner = None
+        if self.teacher_logits is not None:
+            self.teacher_logits = self.teacher_logits.to(batch.indices.device)
+            teacher = self.teacher_logits[batch.indices]
+            if batch.partner_indices is not None:
+                partner = self.teacher_logits[batch.partner_indices]
+        return self.criterion(logits, batch.labels, batch.partner_labels, batch.lam, teacher, partner)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 dtype: torch.dtype | None, channels_last: bool) -> dict[str, float]:
+        logits, labels = predict_logits(model, loader, device, dtype, channels_last)
+        return topk_accuracy(logits, labels, ks=(1, 5))
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        return {"finegrain.classes": json.dumps(self.classes)}
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """The recipe's data folder; `demo` is the shipped demo data, null asks for --data."""
+    if root is None:
+        raise FinegrainError("No data folder given. Pass --data DIR (or set data.root in the recipe).")
+    if root == DEMO_DATA:
+        from finegrain.data import DEMO_ROOT
+
+        return Path(DEMO_ROOT)
+    return Path(root).expanduser()
+
+
+def recipe_preprocessing(recipe: Recipe, base: Preprocessing) -> Preprocessing:
+    """The backbone's normalisation with the recipe's image sizes where it sets them."""
+    data = recipe.data
+    sizes = {"train_size": data.train_size, "resize": data.eval_resize, "crop": data.eval_crop}
+    return dataclasses.replace(base, **{k: v for k, v in sizes.items() if v is not None})
+
+
+PAPER_CROP_MIN_AREA = 0.05
+
+
+def fgvc_train_transform(pre: Preprocessing, autoaugment: str | None, crop_min_area: float) -> Callable:
+    """The paper's training preset; with another smallest crop area, the same preset rebuilt
+    around that area (finegrain.data.transforms.train_transform fixes it at 5%)."""
+    from finegrain.data import transforms
+
+    if crop_min_area == PAPER_CROP_MIN_AREA:
+        return transforms.train_transform(pre, autoaugment)
+    import albumentations as A
+    import cv2
+    from torchvision.transforms import v2
+
+    geometry = [A.RandomResizedCrop(size=(pre.train_size, pre.train_size), scale=(crop_min_area, 1.0),
+                                    ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR),
+                A.HorizontalFlip(p=0.5)]
+    policy = v2.AutoAugment(transforms.AUTOAUGMENT_POLICIES[autoaugment]) if autoaugment else None
+    return transforms.ImageTransform(geometry, pre, policy)
+
+
+def loud_warning(message: str, echo: Callable[[str], None]) -> None:
+    bar = "!" * 78
+    echo(f"{bar}\n!! {message}\n{bar}")
+
+
+def build_fgvc_model(recipe: Recipe, num_classes: int, echo: Callable[[str], None],
+                     resuming: bool = False) -> nn.Module:
+    """The recipe's backbone with a fresh `num_classes` head, warm-started from model.weights.
+
+    A resumed run warm-starts too (its resume state then replaces the weights), so the
+    preprocessing adopted from the backbone file is the same as in the interrupted run.
+    """
+    model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
+    if recipe.model.weights:
+        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
+        if not resuming:
+            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
+                 f"{counts['skipped']} (classifier) skipped")
+    elif not resuming:
+        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. "
+                     "Fine-tuning needs pretrained weights (--weights FILE) to reach the paper's accuracy.", echo)
+    model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
+    return model
+
+
+def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
+             progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune per `recipe` into `run_dir`; returns the trainer's summary (best and last rows)."""
+    from finegrain.data import ImageDataset, load_splits
+    from finegrain.data.transforms import eval_transform
+
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    if not resume and (Path(run_dir) / RESUME_FILE).is_file():
+        raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out.")
+    root = resolve_data_root(recipe.data.root)
+    splits = load_splits(recipe.data.kind, root, **recipe.data.options)
+    train, test = splits["train"], splits["test"]
+    if train.classes != test.classes:
+        raise FinegrainError(f"The train and test splits have different classes ({len(train.classes)} vs "
+                             f"{len(test.classes)}). FGVC needs one class list; check --data.")
+    seed_everything(recipe.train.seed)  # the new head's initialisation
+    model = build_fgvc_model(recipe, len(train.classes), echo, resuming=resume)
+    regularization = recipe.regularization
+    teacher = None
+    if regularization.kd.logits:
+        teacher, _ = teacher_logits_for_split(regularization.kd.logits, train, root)
+    task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher)
+    pre = model.preprocessing
+    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, regularization.autoaugment,
+                                                                recipe.data.crop_min_area))
+    test_set = ImageDataset(test.samples, eval_transform(pre))
+    echo(f"{recipe.name}: {len(train)} train / {len(test)} test images, {len(train.classes)} classes, "
+         f"{recipe.model.name} at {pre.train_size} (eval {pre.resize}->{pre.crop}), run dir {run_dir}")
+    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
+    return trainer.fit(resume=resume)
+
+
+def same_recipe_or_error(saved: Recipe, given: Recipe, free: tuple[str, ...] = ("train.workers",)) -> None:
+    """A resumed run must use the recipe it started with (only `free` keys may change)."""
+    flat_saved, flat_given = _flatten(recipe_to_dict(saved)), _flatten(recipe_to_dict(given))
+    for key in flat_saved:
+        if key not in free and flat_saved[key] != flat_given.get(key):
+            raise FinegrainError(f"The run was started with {key}={flat_saved[key]!r}, now {flat_given.get(key)!r}. "
+                                 "Resume with the same recipe and settings, or start a new run with another --out.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "overrides" and key != "options":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

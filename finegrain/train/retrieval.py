@@ -1,0 +1,295 @@
+"""Image-retrieval fine-tuning (paper Section 4.4, Appendix C): a recipe plus data and backbone
+weights in, a run out.
+
+The embedder (stride-free Stage 4, GeM, 1536-d embedding + BN, L2-normalised) is trained with a
+pytorch-metric-learning loss on the training classes and evaluated zero-shot by Recall@K and
+MAP@R on the unseen test classes. Evaluation also runs before the first step, so metrics.jsonl's
+`epoch: 0` row holds the un-fine-tuned backbone's figures and every run shows what it gained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from finegrain.data.base import Split
+from finegrain.errors import FinegrainError
+from finegrain.models import create_embedder, load_backbone_weights, load_model
+from finegrain.preprocessing import Preprocessing
+from finegrain.recipes import Recipe
+from finegrain.train.fgvc import loud_warning, resolve_data_root
+from finegrain.train.metric_losses import create_metric_loss
+from finegrain.train.optim import ParamGroupSpec
+from finegrain.train.trainer import Task, TrainBatch, Trainer
+
+if TYPE_CHECKING:
+    from finegrain.eval.retrieval import RetrievalReport
+
+
+# --------------------------------------------------------------------------------------- recipe
+@dataclass
+class LossConfig:
+    """A loss by name: "arcface" / "softmax" (paper units) or any pml loss class with pml's args."""
+
+    name: str = "arcface"
+    args: dict[str, Any] = field(default_factory=dict)
+    # lr multiplier of the loss's own parameters (class weights, proxies): they start random
+    # while the backbone is pretrained, so they may learn faster. The paper gives none.
+    lr_mult: float = 1.0
+
+
+@dataclass
+class RetrievalConfig:
+    loss: LossConfig = field(default_factory=LossConfig)
+    embedding_size: int = 1536  # "feature size" of Appendix C
+    gem_p: float = 3.0  # the release's fixed p
+    gem_learnable: bool = False
+    # Learnable p: its own group without weight decay; 10x lr as in Radenovic et al.'s cirtorch.
+    gem_lr_mult: float = 10.0
+    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    # Batches of m images per class (pml's MPerClassSampler), for pair-based losses; null: random.
+    m_per_class: int | None = None
+
+
+@dataclass
+class RetrievalRecipe(Recipe):
+    """The common recipe plus a `retrieval` section. Retrieval evaluates whole images resized to
+    data.eval_resize squared (no crop), so data.eval_crop must be null or the same size."""
+
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def __post_init__(self) -> None:
+        section, m = self.retrieval, self.retrieval.m_per_class
+        rules = [
+            (section.embedding_size < 1, "retrieval.embedding_size", "at least 1"),
+            (not section.recall_ks or min(section.recall_ks) < 1, "retrieval.recall_ks", "a non-empty list of K >= 1"),
+            (min(section.loss.lr_mult, section.gem_lr_mult, section.gem_p) <= 0,
+             "retrieval.loss.lr_mult, retrieval.gem_lr_mult and retrieval.gem_p", "positive"),
+            (m is not None and (m < 1 or self.train.batch_size % m > 0),
+             "retrieval.m_per_class", f"a divisor of train.batch_size ({self.train.batch_size}) or null"),
+            (self.regularization.mixup.type is not None,
+             "regularization.mixup.type", "null for retrieval (metric losses take class ids, not mixed labels)"),
+            (self.regularization.kd.logits is not None,
+             "regularization.kd.logits", "null for retrieval (it has no distillation)"),
+            (self.data.eval_crop is not None and self.data.eval_crop != self.data.eval_resize,
+             "data.eval_crop", "null or equal to data.eval_resize (retrieval does not crop)"),
+        ]
+        for broken, key, wanted in rules:
+            if broken:
+                raise FinegrainError(f"Recipe key '{key}' must be {wanted}. Fix the value in the recipe or in --set.")
+
+
+# ------------------------------------------------------------------------------------- batches
+class MPerClassBatches(Sampler[list[int]]):
+    """The trainer's EpochBatches interface (steps_per_epoch, set_epoch(epoch, skip), state_dict)
+    over finegrain.data's MPerClassBatchSampler, whose batches depend only on (seed, epoch)."""
+
+    paired = False
+
+    def __init__(self, split: Split, m: int, batch_size: int, seed: int) -> None:
+        from finegrain.data.samplers import MPerClassBatchSampler
+
+        self.sampler = MPerClassBatchSampler(split, m, batch_size, seed)
+        self.seed, self.m, self.epoch, self.skip = seed, m, 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "m": self.m, "epoch": self.epoch, "skip": self.skip}
+
+
+def use_batches(trainer: Trainer, batches: MPerClassBatches) -> None:
+    """Give the trainer another batch sampler with the same number of steps per epoch (its
+    schedule and BN momentum were sized from that number)."""
+    if batches.steps_per_epoch != trainer.steps_per_epoch:
+        raise FinegrainError(f"The m-per-class sampler gives {batches.steps_per_epoch} steps per epoch, the trainer "
+                             f"planned {trainer.steps_per_epoch}. Set retrieval.m_per_class=null.")
+    trainer.batches = batches
+
+
+# ---------------------------------------------------------------------------------------- task
+class _Embeddings(nn.Module):
+    """`model.forward_embedding` as a module's forward, for loops written for logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_embedding(images)
+
+
+def embed_loader(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None = None,
+                 channels_last: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """(embeddings [N, E] fp32 on CPU, labels [N] int64) in loader order, the model's mode kept."""
+    from finegrain.eval.classification import predict_logits
+
+    if not hasattr(model, "forward_embedding"):
+        raise FinegrainError(f"{getattr(model, 'arch', type(model).__name__)} has no forward_embedding. "
+                             "Evaluate an embedder checkpoint (from `finegrain retrieval`).")
+    return predict_logits(_Embeddings(model), loader, device, dtype, channels_last, progress)
+
+
+class RetrievalTask(Task):
+    """A pml loss on the embeddings; zero-shot Recall@K / MAP@R on the test classes."""
+
+    best_metric = "recall@1"
+    evaluate_at_start = True
+
+    def __init__(self, recipe: RetrievalRecipe, num_classes: int, metadata: dict[str, str] | None = None) -> None:
+        section = recipe.retrieval
+        self.criterion = create_metric_loss(section.loss.name, num_classes, section.embedding_size,
+                                            section.loss.args, recipe.regularization.label_smoothing)
+        self.trainable = self.criterion
+        self.loss_lr_mult, self.gem_lr_mult = section.loss.lr_mult, section.gem_lr_mult
+        self.recall_ks = tuple(section.recall_ks)
+        self.metadata = metadata or {}
+
+    def loss(self, model: nn.Module, batch: TrainBatch) -> Tensor:
+        return self.criterion(model.forward_embedding(batch.images), batch.labels)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 dtype: torch.dtype | None, channels_last: bool) -> dict[str, float]:
+        from finegrain.eval.retrieval import retrieval_metrics
+
+        embeddings, labels = embed_loader(model, loader, device, dtype, channels_last)
+        return retrieval_metrics(embeddings, labels, self.recall_ks, device=device).to_metrics()
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroupSpec]:
+        """The loss's weights (recipe weight decay, their lr multiplier); a learnable GeM p without
+        weight decay (as in cirtorch: decay would drag p towards 0, a geometric mean, whatever the data)."""
+        groups = []
+        loss_params = [p for p in self.criterion.parameters() if p.requires_grad]
+        if loss_params:
+            groups.append(ParamGroupSpec(loss_params, "loss", lr_mult=self.loss_lr_mult))
+        p = getattr(getattr(model, "global_pool", None), "p", None)
+        if isinstance(p, nn.Parameter) and p.requires_grad:
+            groups.append(ParamGroupSpec([p], "gem_p", lr_mult=self.gem_lr_mult, weight_decay=0.0))
+        return groups
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        return {"finegrain.task": "retrieval", "finegrain.recall_ks": json.dumps(list(self.recall_ks)), **self.metadata}
+
+
+# ---------------------------------------------------------------------------------- model, data
+def retrieval_preprocessing(recipe: Recipe, base: Preprocessing) -> Preprocessing:
+    """The backbone's normalisation, the recipe's train size, and eval at eval_resize squared
+    (resize = crop, so tools that centre-crop see the whole image)."""
+    eval_size = recipe.data.eval_resize or base.crop
+    return dataclasses.replace(base, train_size=recipe.data.train_size or base.train_size,
+                               resize=eval_size, crop=eval_size)
+
+
+def build_embedder(recipe: RetrievalRecipe, echo: Callable[[str], None], resuming: bool = False) -> nn.Module:
+    """The recipe's embedder, everything but the embedding warm-started from model.weights."""
+    section = recipe.retrieval
+    model = create_embedder(recipe.model.name, section.embedding_size, gem_p=section.gem_p,
+                            learnable_p=section.gem_learnable, **recipe.model.overrides)
+    if recipe.model.weights:
+        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
+        if not resuming:
+            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
+                 f"{counts['skipped']} (classifier/embedding) skipped")
+    elif not resuming:
+        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. Retrieval "
+                     "fine-tuning needs a pretrained backbone (--weights FILE) to reach the paper's recall.", echo)
+    model.preprocessing = retrieval_preprocessing(recipe, model.preprocessing)
+    return model
+
+
+def retrieval_transforms(pre: Preprocessing, autoaugment: str | None) -> tuple[Callable, Callable]:
+    """Appendix C: train = squash to train_size or enlarge + random crop, flip (+ AutoAugment for
+    CARS196, Table 18); eval = squash to the eval size, no crop."""
+    from finegrain.data.transforms import retrieval_eval_transform, retrieval_train_transform
+
+    return retrieval_train_transform(pre, pre.train_size, autoaugment), retrieval_eval_transform(pre, size=pre.crop)
+
+
+def load_zero_shot_splits(recipe: Recipe) -> dict[str, Split]:
+    from finegrain.data import load_splits
+
+    splits = load_splits(recipe.data.kind, resolve_data_root(recipe.data.root), **recipe.data.options)
+    if set(splits["train"].classes) & set(splits["test"].classes):
+        raise FinegrainError(f"The {recipe.data.kind} splits share classes; retrieval is evaluated on unseen classes. "
+                             "Use a zero-shot kind (sop, cub200, cars196_retrieval, folder_zeroshot).")
+    return splits
+
+
+def data_metadata(recipe: Recipe) -> dict[str, str]:
+    """Where the model was trained, as `finegrain robustness` and `--eval-only` read it back."""
+    root = str(resolve_data_root(recipe.data.root))
+    return {"finegrain.data": json.dumps({"kind": recipe.data.kind, "root": root, "options": recipe.data.options})}
+
+
+# ------------------------------------------------------------------------------------------ runs
+def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = False,
+                  device: torch.device | None = None, progress: bool = True,
+                  echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune per `recipe` into `run_dir`; returns the trainer's summary plus "start", the
+    epoch-0 row (the un-fine-tuned embeddings)."""
+    from finegrain.data import ImageDataset
+
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    splits = load_zero_shot_splits(recipe)
+    train, test = splits["train"], splits["test"]
+    torch.manual_seed(recipe.train.seed)  # the embedding head and the loss's class weights start random
+    model = build_embedder(recipe, echo, resuming=resume)
+    task = RetrievalTask(recipe, len(train.classes), data_metadata(recipe))
+    pre = model.preprocessing
+    train_transform, eval_transform = retrieval_transforms(pre, recipe.regularization.autoaugment)
+    train_set, test_set = ImageDataset(train.samples, train_transform), ImageDataset(test.samples, eval_transform)
+    echo(f"{recipe.name}: {len(train)} train images of {len(train.classes)} classes, {len(test)} test images of "
+         f"{len(test.classes)} unseen classes; {recipe.model.name} -> {recipe.retrieval.embedding_size}-d, "
+         f"loss {recipe.retrieval.loss.name}, train {pre.train_size} / eval {pre.crop} px, run dir {run_dir}")
+    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
+    if recipe.retrieval.m_per_class:
+        use_batches(trainer, MPerClassBatches(train, recipe.retrieval.m_per_class, recipe.train.batch_size,
+                                              recipe.train.seed))
+    summary = trainer.fit(resume=resume)
+    start = next((row for row in trainer.rows if row["epoch"] == 0), {})
+    summary["start"] = start
+    best = summary["best"]
+    if "recall@1" in start:
+        echo(f"Recall@1 before fine-tuning (epoch 0): {100 * start['recall@1']:.2f}%, after: "
+             f"{100 * best['value']:.2f}% (best, epoch {best['epoch']}); "
+             f"MAP@R {100 * start['map@r']:.2f}% -> {100 * summary['last'].get('map@r', float('nan')):.2f}% (last)")
+    return summary
+
+
+def evaluate_checkpoint(weights: str | Path, recipe: RetrievalRecipe, device: torch.device | None = None,
+                        progress: bool = True) -> RetrievalReport:
+    """Recall@K (the recipe's K) and MAP@R of an embedder checkpoint on the recipe's test classes,
+    preprocessed as the checkpoint records (eval size squared, no crop)."""
+    from finegrain.data import ImageDataset
+    from finegrain.eval.retrieval import retrieval_metrics
+    from finegrain.runtime import default_device
+    from finegrain.train.loader import eval_loader
+
+    device = device or default_device()
+    model = load_model(weights)
+    test = load_zero_shot_splits(recipe)["test"]
+    _, eval_transform = retrieval_transforms(model.preprocessing, None)
+    loader = eval_loader(ImageDataset(test.samples, eval_transform), recipe.train.eval_batch_size or
+                         recipe.train.batch_size, recipe.train.workers, device.type == "cuda")
+    embeddings, labels = embed_loader(model.to(device), loader, device, progress=progress)
+    return retrieval_metrics(embeddings, labels, recipe.retrieval.recall_ks, device=device)

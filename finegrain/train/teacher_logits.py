@@ -1,0 +1,151 @@
+"""Writing the offline teacher logits of the paper's knowledge distillation, and matching them
+to a training split.
+
+The paper computes the teacher's logits once, before training, on the un-augmented training
+images (an EfficientNet-B7 teacher for the backbone; Section 3.2). The file is the format of
+finegrain.train.teacher (safetensors: "logits" [N, C] fp32 plus JSON metadata) with the image
+paths written RELATIVE TO THE DATA ROOT, so a data set that moves or is mounted elsewhere keeps
+its logits; extra metadata records the class names, the teacher's preprocessing and
+architecture, so a file made for other classes is refused by name, not only by count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from finegrain.data import Sample, Split
+from finegrain.errors import FinegrainError
+from finegrain.fileio import atomic_path, sha256_file
+from finegrain.train import teacher
+
+META_CLASSES = "finegrain.classes"
+META_PATHS_RELATIVE = "finegrain.paths_relative_to"  # "data root": the keys are root-relative
+
+
+def split_keys(samples: Sequence[Sample], root: str | Path) -> list[str]:
+    """The logits keys of `samples`: their paths relative to the data root, '/'-separated."""
+    return [Path(os.path.relpath(sample.path, root)).as_posix() for sample in samples]
+
+
+def teacher_fingerprint(weights: str | Path) -> str:
+    """Identifies the teacher a logits file came from: the sha256 of its weights file."""
+    return f"sha256:{sha256_file(weights)}"
+
+
+def class_count(model: nn.Module) -> int:
+    """How many logits `model` outputs: our models' config, or timm's `num_classes`."""
+    count = getattr(getattr(model, "cfg", None), "num_classes", None)
+    return int(count if count is not None else getattr(model, "num_classes", 0))
+
+
+def load_teacher(weights: str | Path, arch: str | None = None) -> nn.Module:
+    """A teacher network from a local weights file.
+
+    Our checkpoints rebuild themselves. A plain state dict needs `arch` (a registered name or
+    "timm/NAME"); its class count is the rows of its last 2-D tensor, and it loads by tensor
+    name when the names fit, else by position with every shape checked (as the EfficientNet-Lite0
+    package's file loads into timm).
+    """
+    from finegrain.models import create_model, load_model, read_weights
+    from finegrain.models.checkpoint import META_ARCH
+    from finegrain.train.pretrained import timm_model_by_key_order
+
+    state, metadata = read_weights(weights)
+    if META_ARCH in metadata:
+        return load_model(weights)
+    if arch is None:
+        raise FinegrainError(f"{weights} is a plain state dict without finegrain metadata. Pass the architecture it "
+                             "was made for, e.g. --arch timm/efficientnet_lite0.")
+    matrices = [value for value in state.values() if value.ndim == 2]
+    if not matrices:
+        raise FinegrainError(f"{weights} holds no classifier matrix. A teacher needs its classification head.")
+    model = create_model(arch, num_classes=matrices[-1].shape[0])
+    if set(model.state_dict()) == set(state):
+        model.load_state_dict(state)
+        return model
+    return timm_model_by_key_order(weights, arch)
+
+
+def check_teacher_classes(model: nn.Module, classes: list[str], weights: str | Path) -> None:
+    """A teacher must predict exactly the data set's classes (names too, when it records them)."""
+    count = class_count(model)
+    if count != len(classes):
+        raise FinegrainError(f"The teacher {weights} predicts {count} classes, the training data has {len(classes)}. "
+                             "Fine-tune the teacher on these classes first (finegrain fgvc), then write its logits.")
+    recorded = getattr(model, "metadata", {}).get(META_CLASSES)
+    if recorded is not None:
+        _same_classes_or_error(json.loads(recorded), classes, f"The teacher {weights}", "Fine-tune it on this data set")
+
+
+def _same_classes_or_error(theirs: list[str], ours: list[str], who: str, fix: str) -> None:
+    for position, (a, b) in enumerate(zip(theirs, ours)):
+        if a != b:
+            raise FinegrainError(f"{who} has class {position} {a!r} where the training data has {b!r}. {fix}.")
+
+
+@torch.inference_mode()
+def write_teacher_logits(weights: str | Path, data: str | Path, out: str | Path, kind: str = "folder",
+                         arch: str | None = None, options: dict[str, Any] | None = None, batch_size: int = 64,
+                         workers: int = 2, device: torch.device | None = None, progress: bool = True,
+                         echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the teacher once over the training split of `data` (eval transform at the teacher's
+    own preprocessing, no augmentation) and write its logits to `out`.
+
+    Returns a summary: images, classes, the teacher's fingerprint and its top-1 on those images
+    (a sanity check: a fine-tuned teacher should fit its own training data well).
+    """
+    from finegrain.data import ImageDataset, load_splits
+    from finegrain.data.transforms import eval_transform
+    from finegrain.eval.classification import predict_logits, topk_accuracy
+    from finegrain.runtime import default_device
+    from finegrain.train.loader import eval_loader
+
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    device = device or default_device()
+    train = load_splits(kind, data, **(options or {}))["train"]
+    model = load_teacher(weights, arch)
+    check_teacher_classes(model, train.classes, weights)
+    dataset = ImageDataset(train.samples, eval_transform(model.preprocessing))
+    echo(f"teacher {getattr(model, 'arch', type(model).__name__)} ({weights}) over {len(train)} training images of "
+         f"{data} at {model.preprocessing.resize}->{model.preprocessing.crop}")
+    loader = eval_loader(dataset, batch_size, workers, device.type == "cuda")
+    logits, labels = predict_logits(model.to(device), loader, device, progress=progress)
+    bad_paths = set(dataset.bad_paths)
+    bad = [i for i, sample in enumerate(train.samples) if sample.path in bad_paths]
+    if bad:  # ImageDataset put the next image's logits there; those rows are never looked up in training
+        logits[bad] = 0.0
+        echo(f"warning: {len(bad)} undecodable image(s) got uniform logits, e.g. {train.samples[bad[0]].path}")
+    fingerprint = teacher_fingerprint(weights)
+    metadata = {"finegrain.paths": json.dumps(split_keys(train.samples, data)),
+                "finegrain.num_classes": str(logits.shape[1]), "finegrain.teacher": fingerprint,
+                META_CLASSES: json.dumps(train.classes), META_PATHS_RELATIVE: "data root",
+                "finegrain.teacher_arch": str(getattr(model, "arch", type(model).__name__)),
+                "finegrain.preprocessing": model.preprocessing.to_json()}
+    with atomic_path(out) as tmp:
+        save_file({"logits": logits.contiguous()}, str(tmp), metadata=metadata)
+    accuracy = topk_accuracy(logits, labels, ks=(1,))["top1"]
+    return {"out": Path(out), "images": len(train), "classes": len(train.classes), "teacher": fingerprint,
+            "teacher_top1": accuracy}
+
+
+def teacher_logits_for_split(path: str | Path, split: Split, root: str | Path) -> tuple[Tensor, dict[str, str]]:
+    """The rows of a teacher-logits file for `split` (dataset order) and the file's metadata.
+
+    Refuses, naming what differs, a file whose class count, image count, image paths or (when
+    recorded) class names do not match the split.
+    """
+    logits = teacher.load_teacher_logits(path, split_keys(split.samples, root), len(split.classes))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if META_CLASSES in metadata:
+        _same_classes_or_error(json.loads(metadata[META_CLASSES]), split.classes, f"Teacher logits {path}",
+                               "Write the logits with a teacher fine-tuned on this data set")
+    return logits, metadata

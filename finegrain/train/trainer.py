@@ -1,0 +1,301 @@
+"""The core trainer: one loop for FGVC fine-tuning, retrieval and backbone pretraining.
+
+What differs between those lives in a `Task` (the loss on a batch, the evaluation metrics, the
+metric that picks the best checkpoint, extra trainable modules such as a loss's class weights);
+everything the paper's recipes share lives here: SGD + warmup/cosine per step, the BN momentum
+rule, AMP, channels_last, Mixup type 1/2, the DropBlock keep_prob schedule, per-epoch
+evaluation, atomic checkpoints, exact resume and Ctrl-C safety.
+
+A run directory holds recipe.yaml, metrics.jsonl, curves.png, last.safetensors,
+best.safetensors and resume_state.pt.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from finegrain.data.mixup import mix_tensors, sample_lambdas, shuffle_order
+from finegrain.errors import FinegrainError
+from finegrain.fileio import atomic_path
+from finegrain.models import save_model, set_drop_block_keep_prob
+from finegrain.recipes import Recipe, recipe_to_yaml
+from finegrain.runtime import autocast, default_device
+from finegrain.train import checkpoint, report
+from finegrain.train.loader import EpochBatches, epoch_loader, eval_loader
+from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
+                                   set_bn_momentum)
+
+
+@dataclass
+class TrainBatch:
+    """One training step's input. With Mixup, images are already mixed:
+    lam * images[first] + (1 - lam) * images[partner]."""
+
+    images: Tensor  # [B, 3, H, W] on the device
+    labels: Tensor  # [B] int64
+    indices: Tensor  # [B] dataset indices (teacher logits are looked up by them)
+    partner_labels: Tensor | None = None  # [B]
+    partner_indices: Tensor | None = None  # [B]
+    lam: Tensor | None = None  # [B] weight of the first sample, from Beta(alpha, alpha)
+
+
+class Task:
+    """What a kind of training adds to the loop. Subclass and override `loss` and `evaluate`."""
+
+    best_metric: str = "top1"  # higher is better; picks best.safetensors
+    evaluate_at_start: bool = False  # log an `epoch: 0` row before training (retrieval does)
+    # Trainable modules beyond the model (e.g. a metric-learning loss with class weights):
+    # moved to the device, trained, and saved in the resume state.
+    trainable: nn.Module | None = None
+
+    def loss(self, model: nn.Module, batch: TrainBatch) -> Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                 dtype: torch.dtype | None, channels_last: bool) -> dict[str, float]:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroupSpec]:
+        """Parameters with their own lr multiplier / weight decay (default: none)."""
+        return []
+
+    def checkpoint_metadata(self) -> dict[str, str]:
+        """Extra safetensors metadata written with every checkpoint (e.g. class names)."""
+        return {}
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a GradScaler is needed) for a recipe's `train.amp`."""
+    if mode == "fp32":
+        return None, False
+    if device.type == "cuda":
+        if mode == "auto":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return (torch.bfloat16, False) if mode == "bf16" else (torch.float16, True)
+    if mode == "fp16":
+        raise FinegrainError("train.amp=fp16 needs a CUDA GPU. Use --set train.amp=bf16 or fp32 on CPU.")
+    return (torch.bfloat16, False) if mode == "bf16" else (None, False)  # auto on CPU: fp32
+
+
+class Trainer:
+    """Train `model` on `train_set` with `task`, evaluating on `eval_set` every epoch."""
+
+    def __init__(self, recipe: Recipe, model: nn.Module, task: Task, train_set: Dataset, eval_set: Dataset,
+                 run_dir: str | Path, device: torch.device | None = None, progress: bool = True,
+                 echo: Callable[[str], None] | None = None, batches: EpochBatches | None = None) -> None:
+        """`batches`: another batch sampler with EpochBatches' interface (steps_per_epoch,
+        set_epoch(epoch, skip), seed, epoch, paired, state_dict), e.g. m-per-class batches."""
+        self.recipe, self.model, self.task = recipe, model, task
+        self.train_set, self.eval_set = train_set, eval_set
+        self.run_dir = Path(run_dir)
+        self.device = device or default_device()
+        self.progress = progress
+        self.echo = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+        train = recipe.train
+        self.amp_dtype, use_scaler = resolve_amp(train.amp, self.device)
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        mix = recipe.regularization.mixup
+        self.batches = batches or EpochBatches(len(train_set), train.batch_size, train.seed, paired=mix.type == 1)
+        self.mix_generator = torch.Generator().manual_seed(train.seed)  # Mixup lambdas and type-2 partners
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.model.to(self.device, memory_format=self.memory_format)
+        if task.trainable is not None:
+            task.trainable.to(self.device)
+        if train.bn_momentum_rule:
+            set_bn_momentum(self.model, bn_momentum_rule(self.steps_per_epoch))
+        trained = nn.ModuleList([self.model] + ([task.trainable] if task.trainable is not None else []))
+        self.optimizer = build_sgd(trained, recipe.effective_lr(), recipe.optim.momentum, recipe.optim.weight_decay,
+                                   recipe.optim.nesterov, task.param_groups(self.model))
+        warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup_steps, self.total_steps),
+                                      recipe.schedule.final_lr / recipe.effective_lr())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        if mix.type == 1 and not self.batches.paired:
+            raise FinegrainError("Mixup type 1 needs paired batches (two independently loaded halves); this batch "
+                                 "sampler gives single ones. Use regularization.mixup.type=2 or null.")
+        self.global_step = 0
+        self._position: tuple[int, int, float] = (0, 0, 0.0)  # (epochs done, steps done in the next, loss sum)
+        self.best: dict[str, Any] = {"metric": task.best_metric, "value": -math.inf, "epoch": 0}
+        self.rows: list[dict[str, Any]] = []
+        dropblock = recipe.regularization.dropblock
+        if (dropblock.start, dropblock.end) != (1.0, 1.0) and set_drop_block_keep_prob(model, dropblock.start) == 0:
+            self.echo(f"warning: the recipe sets DropBlock keep_prob {dropblock.start} -> {dropblock.end}, but "
+                      f"{getattr(model, 'arch', type(model).__name__)} has no DropBlock layers; it is ignored.")
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def resume_path(self) -> Path:
+        return self.run_dir / checkpoint.RESUME_FILE
+
+    def _state(self, epoch: int, step_in_epoch: int, loss_sum: float) -> dict[str, Any]:
+        return {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
+            "loss_sum": loss_sum, "model": self.model.state_dict(),
+            "task": self.task.trainable.state_dict() if self.task.trainable is not None else {},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": checkpoint.capture_rng_state(),
+            "mixup_rng": self.mix_generator.get_state(),
+            "sampler": self.batches.state_dict(), "best": dict(self.best),
+            "recipe": recipe_to_yaml(self.recipe),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> tuple[int, int, float]:
+        if state["sampler"]["seed"] != self.batches.seed:
+            raise FinegrainError(f"The run was started with seed {state['sampler']['seed']}, this recipe has "
+                                 f"{self.batches.seed}. Resume with the run's own recipe.yaml.")
+        self.model.load_state_dict(state["model"])
+        if self.task.trainable is not None:
+            self.task.trainable.load_state_dict(state["task"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.restore_rng_state(state["rng"])
+        self.mix_generator.set_state(state["mixup_rng"])
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.rows = [row for row in report.read_metrics(self.run_dir) if row["epoch"] <= state["epoch"]]
+        return int(state["epoch"]), int(state["step_in_epoch"]), float(state["loss_sum"])
+
+    def _save_model(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
+        extra = {"finegrain.epoch": str(epoch), "finegrain.recipe": self.recipe.name,
+                 **{f"finegrain.metric.{k}": repr(v) for k, v in metrics.items() if isinstance(v, float)},
+                 **self.task.checkpoint_metadata()}
+        save_model(self.model, self.run_dir / name, extra_metadata=extra)
+
+    # ------------------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the recipe's last epoch; returns {"best": {...}, "last": last metrics row}.
+
+        On KeyboardInterrupt the resume state (mid-epoch included) is saved before re-raising.
+        Resuming at an epoch boundary is exact; after a mid-epoch interrupt the run continues
+        with the next unseen batch of the same order.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._position = self._load_state(checkpoint.load_resume_state(self.resume_path))
+            self.echo(f"resuming {self.run_dir} after epoch {self._position[0]}, step {self._position[1]}")
+        else:
+            self._position = (0, 0, 0.0)
+            checkpoint.seed_everything(self.recipe.train.seed)
+            with atomic_path(self.run_dir / "recipe.yaml") as tmp:
+                tmp.write_text(recipe_to_yaml(self.recipe))
+            if self.task.evaluate_at_start:
+                self._log_row({"epoch": 0, "loss": None, "lr": None, **self._evaluate()})
+        try:
+            while self._position[0] < self.recipe.train.epochs:
+                start = time.perf_counter()
+                train_row = self._train_epoch()
+                metrics = self._evaluate()
+                throughput = train_row.pop("images_per_s")
+                self._finish_epoch({**train_row, **metrics, "time": round(time.perf_counter() - start, 3),
+                                    "images_per_s": throughput})
+        except KeyboardInterrupt:
+            checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+            self.echo(f"interrupted: resume state saved to {self.resume_path}; continue with --resume")
+            raise
+        return {"best": dict(self.best), "last": self.rows[-1] if self.rows else {}}
+
+    def _train_epoch(self) -> dict[str, Any]:
+        epoch, skip, loss_sum = self._position
+        self.model.train()
+        if self.task.trainable is not None:
+            self.task.trainable.train()
+        self.batches.set_epoch(epoch, skip)
+        loader = epoch_loader(self.train_set, self.batches, self.recipe.train.workers, self.device.type == "cuda")
+        bar = tqdm(loader, total=self.steps_per_epoch, initial=skip, leave=False, file=sys.stderr,
+                   desc=f"epoch {epoch + 1}/{self.recipe.train.epochs}", disable=not self.progress)
+        images_seen, start, lr = 0, time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+        for step, items in enumerate(bar, start=skip):
+            lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_mult"]
+            loss = self._step(items)
+            loss_sum += loss
+            self._position = (epoch, step + 1, loss_sum)
+            images_seen += len(items[1]) // (2 if self.batches.paired else 1)
+            bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", lr=f"{lr:.3g}",
+                            img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
+        bar.close()
+        return {"epoch": epoch + 1, "loss": loss_sum / self.steps_per_epoch, "lr": lr,
+                "images_per_s": round(images_seen / max(time.perf_counter() - start, 1e-9), 2)}
+
+    def _step(self, items: list[Tensor]) -> float:
+        dropblock = self.recipe.regularization.dropblock
+        set_drop_block_keep_prob(self.model, linear_schedule(self.global_step, self.total_steps,
+                                                             dropblock.start, dropblock.end))
+        batch = self._make_batch(items[0], items[1], items[2])
+        with autocast(self.device, self.amp_dtype):
+            loss = self.task.loss(self.model, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FinegrainError(f"The training loss became {value} at step {self.global_step}. "
+                                 "Lower optim.lr (or use train.amp=bf16/fp32) and start again.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.global_step += 1
+        return value
+
+    def _make_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> TrainBatch:
+        images = images.to(self.device, non_blocking=True)
+        labels, indices = labels.to(self.device).long(), indices.to(self.device).long()
+        mix = self.recipe.regularization.mixup
+        if mix.type is None:
+            return TrainBatch(images.contiguous(memory_format=self.memory_format), labels, indices)
+        if mix.type == 1:  # the loader sent B main then B partner samples
+            half = len(labels) // 2
+            images, partner_images = images[:half], images[half:]
+            labels, partner_labels = labels[:half], labels[half:]
+            indices, partner_indices = indices[:half], indices[half:]
+        else:  # type 2: the batch with a shuffled copy of itself
+            order = shuffle_order(len(labels), self.mix_generator).to(self.device)
+            partner_images, partner_labels, partner_indices = images[order], labels[order], indices[order]
+        lam = sample_lambdas(len(labels), mix.alpha, self.mix_generator).to(self.device)
+        mixed = mix_tensors(images, partner_images, lam).contiguous(memory_format=self.memory_format)
+        return TrainBatch(mixed, labels, indices, partner_labels, partner_indices, lam)
+
+    def _evaluate(self) -> dict[str, float]:
+        train = self.recipe.train
+        loader = eval_loader(self.eval_set, train.eval_batch_size or train.batch_size, train.workers,
+                             self.device.type == "cuda")
+        models = [self.model] + ([self.task.trainable] if self.task.trainable is not None else [])
+        modes = [m.training for m in models]
+        try:
+            return self.task.evaluate(self.model, loader, self.device, self.amp_dtype, train.channels_last)
+        finally:
+            for module, mode in zip(models, modes):
+                module.train(mode)
+
+    def _finish_epoch(self, row: dict[str, Any]) -> None:
+        epoch = row["epoch"]
+        value = row.get(self.task.best_metric)
+        if not isinstance(value, float):
+            raise FinegrainError(f"The task's evaluation gave no '{self.task.best_metric}' (got {sorted(row)}). "
+                                 "Fix the task's best_metric.")
+        self._save_model("last.safetensors", epoch, row)
+        if value > self.best["value"]:
+            self.best = {"metric": self.task.best_metric, "value": value, "epoch": epoch}
+            with atomic_path(self.run_dir / "best.safetensors") as tmp:
+                shutil.copyfile(self.run_dir / "last.safetensors", tmp)
+        self._log_row(row)
+        self._position = (epoch, 0, 0.0)
+        checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        report.write_metrics(self.run_dir, self.rows)
+        report.plot_curves(self.rows, self.run_dir / report.CURVES_FILE, title=self.recipe.name)
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in row.items() if v is not None)
+        self.echo(shown)
