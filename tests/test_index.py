@@ -31,9 +31,9 @@ from finegrain.data import demo_root
 from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
 from finegrain.index.build import add_images, build_index, describe
-from finegrain.index.search import search_index
+from finegrain.index.search import search_index, search_vectors
 from finegrain.index.select import build_tuned_index, parse_memory, plan_index, recall_at_k
-from finegrain.index.store import IndexFolder, verify_files
+from finegrain.index.store import IndexFolder, Item, verify_files, write_index_folder
 from finegrain.preprocessing import Preprocessing
 
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 12, 4
@@ -98,7 +98,8 @@ def test_info_json_reports_size_type_memory_model_and_recall(demo):
     assert info["model"]["arch"] == "assemble_resnet50"
     assert info["model"]["weights_sha256"] == sha256_file(demo["weights"])
     assert info["model"]["preprocessing"]["crop"] == 32
-    assert {"key", "parameters", "recall_target", "recall_k", "latency_ms", "max_memory", "chosen_by"} <= set(info["index"])
+    expected = {"key", "parameters", "recall_target", "recall_k", "latency_ms", "max_memory", "chosen_by"}
+    assert expected <= set(info["index"])
 
 
 def test_search_cli_prints_json_and_draws_a_grid(demo, tmp_path):
@@ -244,16 +245,24 @@ def test_bad_memory_sizes_and_index_keys_are_explained():
 
 def _clustered(count: int, dim: int, noise: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((count // 20, 8)).astype(np.float32) @ rng.standard_normal((8, dim)).astype(np.float32)
+    latent = rng.standard_normal((count // 20, 8), dtype=np.float32)
+    centres = latent @ rng.standard_normal((8, dim), dtype=np.float32)
     points = centres[rng.integers(0, len(centres), count)]
-    points += noise * np.linalg.norm(centres, axis=1).mean() / np.sqrt(dim) * rng.standard_normal(points.shape).astype(np.float32)
+    scale = noise * np.linalg.norm(centres, axis=1).mean() / np.sqrt(dim)
+    points += scale * rng.standard_normal(points.shape, dtype=np.float32)
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
-def test_tuning_reaches_the_recall_target_on_new_queries():
+@pytest.fixture(scope="module")
+def tuned_ivf() -> tuple[faiss.Index, object, np.ndarray, np.ndarray]:
     data = _clustered(20_000 + 200, 32, noise=0.3, seed=0)
     base, queries = data[:20_000], data[20_000:]
     index, report = build_tuned_index(base, index_key="IVF128,Flat", recall_target=0.9, progress=False)
+    return index, report, base, queries
+
+
+def test_tuning_reaches_the_recall_target_on_new_queries(tuned_ivf):
+    index, report, base, queries = tuned_ivf
     assert report.key == "IVF128,Flat" and report.fallback is None and report.recall >= 0.9
     assert report.parameters.startswith("nprobe=") and int(report.parameters[7:]) < 128
     _, truth = faiss.knn(queries, base, 10, faiss.METRIC_INNER_PRODUCT)
@@ -262,6 +271,19 @@ def test_tuning_reaches_the_recall_target_on_new_queries():
     assert index.ntotal == len(base)
     _, self_hits = index.search(base[:50], 1)
     assert (self_hits[:, 0] == np.arange(50)).all()  # held-out rows kept their ids
+
+
+def test_an_approximate_index_reloads_memory_mapped_with_its_tuned_parameters(tuned_ivf, tmp_path):
+    index, report, base, queries = tuned_ivf
+    items = [Item(i, f"/images/{i}.jpg", None, 1, f"{i:064x}") for i in range(len(base))]
+    manifest = {"model": {}, "index": report.to_dict(), "build": {}}
+    write_index_folder(tmp_path / "ivf", index=index, embeddings=base, items=items, failed=[], manifest=manifest)
+    with IndexFolder(tmp_path / "ivf") as folder:
+        assert faiss.extract_index_ivf(folder.index).nprobe == int(report.parameters.split("=")[1])
+        ids, similarity = search_vectors(folder, queries[:20], 5)
+        assert np.allclose(similarity, np.einsum("qkd,qd->qk", base[ids], queries[:20]), atol=1e-5)
+        assert (np.diff(similarity, axis=1) <= 1e-6).all()
+        assert [item.path for item in folder.items(ids[0])] == [f"/images/{i}.jpg" for i in ids[0]]
 
 
 def test_when_no_setting_beats_exact_search_at_the_target_it_falls_back_to_exact():

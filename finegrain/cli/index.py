@@ -57,7 +57,7 @@ def build(
     weights: Path = typer.Option(..., help="Model weights saved by finegrain (safetensors)."),
     images: Path = typer.Option(..., help="Folder of images; sub-folder names become labels."),
     out: Path = typer.Option(..., help="Index folder to create (written atomically)."),
-    index_key: Optional[str] = typer.Option(None, help="faiss index_factory key; default: chosen from size and memory."),
+    index_key: Optional[str] = typer.Option(None, help="faiss index_factory key; default: picked by size and memory."),
     max_memory: str = typer.Option("4G", help="Memory budget of the index, e.g. 512M, 4G."),
     recall_target: float = typer.Option(0.95, help="Recall@k against exact search that tuning must reach."),
     recall_k: int = typer.Option(10, help="k of the recall target."),
@@ -139,10 +139,12 @@ def info(
     table = Table(show_header=False, title=facts["path"], title_justify="left")
     rows = [("vectors", f"{facts['size']} x {facts['dim']}"),
             ("index", _key(facts["index_type"], facts["search_parameters"])),
-            ("memory", f"{_size(facts['memory_bytes'])} index, {_size(facts['embeddings_bytes'])} embeddings (kept on disk)"),
+            ("memory", f"{_size(facts['memory_bytes'])} index, "
+                       f"{_size(facts['embeddings_bytes'])} embeddings (kept on disk)"),
             ("recall", f"{facts['recall']:.3f} @{facts['recall_k']} vs exact (target {facts['recall_target']})"),
             ("latency", f"{facts['latency_ms']:.3f} ms/query batched, exact {facts['exact_latency_ms']:.3f}"),
-            ("model", f"{facts['model']['arch']} {facts['model']['weights']} sha256 {facts['model']['weights_sha256'][:16]}..."),
+            ("model", f"{facts['model']['arch']} {facts['model']['weights']} "
+                      f"sha256 {facts['model']['weights_sha256'][:16]}..."),
             ("chosen", f"{facts['index']['chosen_by']}: {facts['index']['reason']}"),
             ("built", f"{facts['build']['created']} from {', '.join(facts['build']['sources'])}"),
             ("unreadable", str(facts["failed"]))]

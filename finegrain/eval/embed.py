@@ -65,6 +65,9 @@ def image_transform(model: nn.Module, preprocessing: Preprocessing) -> Callable[
     return eval_transform(preprocessing)
 
 
+_Loaded = tuple[torch.Tensor | None, int, str]  # (image or None, position, failure reason)
+
+
 class _ImageFiles(Dataset):
     """Items (tensor or None, position, failure reason): a bad file is reported, not replaced."""
 
@@ -74,14 +77,14 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor | None, int, str]:
+    def __getitem__(self, position: int) -> _Loaded:
         try:
             return self.transform(decode_rgb(self.paths[position])), position, ""
         except Exception as error:  # noqa: BLE001 - any decoder failure on an untrusted file means "skip it"
             return None, position, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _collate(items: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+def _collate(items: list[_Loaded]) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
     good = [(tensor, position) for tensor, position, _ in items if tensor is not None]
     bad = [(position, reason) for tensor, position, reason in items if tensor is None]
     images = torch.stack([tensor for tensor, _ in good]) if good else None
@@ -142,7 +145,8 @@ def embed_paths(model: nn.Module, paths: Sequence[str | os.PathLike], preprocess
     `on_shard(shard_number, reused)` is called after each shard is done.
     """
     if batch_size < 1 or shard_size < 1:
-        raise FinegrainError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1. Pass positive sizes.")
+        raise FinegrainError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1. "
+                             "Pass positive sizes.")
     paths = [str(path) for path in paths]
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device).eval()

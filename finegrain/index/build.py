@@ -24,7 +24,7 @@ from finegrain.errors import FinegrainError
 from finegrain.eval.embed import DEFAULT_SHARD_SIZE, embed_paths, embedding_mode
 from finegrain.fileio import sha256_file
 from finegrain.index.select import build_tuned_index, parse_memory
-from finegrain.index.store import IndexFolder, Item, read_manifest, write_index_folder
+from finegrain.index.store import IndexFolder, Item, write_index_folder
 
 
 @dataclass
@@ -46,7 +46,8 @@ def list_images(folder: str | Path) -> list[Path]:
     files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
                    and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     if not files:
-        raise FinegrainError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). Point at a folder of images.")
+        raise FinegrainError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                             "Point at a folder of images.")
     return files
 
 
@@ -68,7 +69,11 @@ def model_record(model: nn.Module, weights: str | Path, fingerprint: str) -> dic
             "preprocessing": json.loads(model.preprocessing.to_json())}
 
 
-def _new_items(paths: list[Path], root: Path, known: set[str], progress: bool) -> tuple[list[Item], list[str], list[tuple[str, str]]]:
+Failures = list[tuple[str, str]]
+
+
+def _new_items(paths: list[Path], root: Path, known: set[str],
+               progress: bool) -> tuple[list[Item], list[str], Failures]:
     """Checksum each file; keep the first of each content not already `known` (ids assigned later)."""
     items, duplicates, failed = [], [], []
     seen = set(known)
@@ -88,7 +93,7 @@ def _new_items(paths: list[Path], root: Path, known: set[str], progress: bool) -
 
 def _embed_items(model: nn.Module, items: list[Item], fingerprint: str, work_dir: Path, *, first_id: int,
                  batch_size: int, device: str | None, workers: int, shard_size: int, progress: bool,
-                 on_shard: Callable[[int, bool], None] | None) -> tuple[np.ndarray, list[Item], list[tuple[str, str]], int]:
+                 on_shard: Callable[[int, bool], None] | None) -> tuple[np.ndarray, list[Item], Failures, int]:
     cache_key = f"{fingerprint}\n{model.preprocessing.to_json()}\n{embedding_mode(model)}"
     result = embed_paths(model, [item.path for item in items], model.preprocessing, batch_size=batch_size,
                          device=device, workers=workers, progress=progress, work_dir=work_dir, shard_size=shard_size,
@@ -173,9 +178,9 @@ def add_images(index_dir: str | Path, images: str | Path, *, weights: str | Path
                              "Use the weights the index was built with.")
     all_vectors = np.concatenate([old_vectors, vectors])
     section = manifest["index"]
-    index, new_section = _index_section(all_vectors, section["requested_key"] if section["chosen_by"] == "user" else None,
-                                        int(section["max_memory"]), float(section["recall_target"]),
-                                        int(section["recall_k"]), progress)
+    given_key = section["requested_key"] if section["chosen_by"] == "user" else None
+    index, new_section = _index_section(all_vectors, given_key, int(section["max_memory"]),
+                                        float(section["recall_target"]), int(section["recall_k"]), progress)
     build = dict(manifest["build"])
     build.update(updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  sources=build["sources"] + [str(root.resolve())], failed=build["failed"] + len(failed),
@@ -221,4 +226,4 @@ def describe(index_dir: str | Path) -> dict[str, Any]:
                 "index": manifest["index"], "build": manifest["build"], "failed": len(folder.failed)}
 
 
-__all__ = ["BuildReport", "add_images", "build_index", "describe", "index_model", "list_images", "read_manifest"]
+__all__ = ["BuildReport", "add_images", "build_index", "describe", "index_model", "list_images"]

@@ -92,7 +92,8 @@ def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int
     with IndexFolder(index_dir) as folder:
         model, _ = index_model(folder.manifest, weights)
         if embedding_mode(model) != folder.manifest["model"]["embedding"]:
-            raise FinegrainError("The model's embedding kind differs from the index's. Use the weights the index was built with.")
+            raise FinegrainError("The model's embedding kind differs from the index's. "
+                                 "Use the weights the index was built with.")
         pre = Preprocessing.from_json(json.dumps(folder.manifest["model"]["preprocessing"]))
         embedded = embed_paths(model, paths, pre, batch_size=batch_size, device=device, progress=progress)
         results = []

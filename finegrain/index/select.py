@@ -213,7 +213,7 @@ def build_tuned_index(vectors: np.ndarray, *, index_key: str | None = None, max_
         index.train(vectors[train_rows])
     except RuntimeError as error:
         raise FinegrainError(f"faiss cannot train {plan.key!r} on {len(train_rows)} vectors: "
-                             f"{str(error).splitlines()[0]}. Choose a smaller index key or let it be picked.") from error
+                             f"{str(error).splitlines()[0]}. Choose a smaller index key or let it be picked.") from None
     queries, k, base_vectors = vectors[held], min(recall_k, len(base)), vectors[base]
     _add(index, base_vectors, base.astype(np.int64), progress)
     gt_start = time.perf_counter()
@@ -261,7 +261,8 @@ def _fallback_reason(key: str, points: list[OperatingPoint], target: float, k: i
             "using exact search instead")
 
 
-def _exact_report(vectors: np.ndarray, plan: IndexPlan, target: float, k: int, seed: int) -> tuple[faiss.Index, TuneReport]:
+def _exact_report(vectors: np.ndarray, plan: IndexPlan, target: float, k: int,
+                  seed: int) -> tuple[faiss.Index, TuneReport]:
     index = exact_index(vectors)
     rng = np.random.default_rng(seed)
     queries = vectors[rng.choice(len(vectors), size=min(100, len(vectors)), replace=False)]

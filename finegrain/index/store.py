@@ -70,7 +70,8 @@ def write_index_folder(out: str | Path, *, index: faiss.Index, embeddings: np.nd
         np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
         _write_items(tmp / ITEMS_FILE, items)
         (tmp / FAILED_FILE).write_text(json.dumps([list(entry) for entry in failed], indent=0))
-        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in REQUIRED_FILES}
+        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                 for name in REQUIRED_FILES}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
                 "count": len(items), "dim": int(embeddings.shape[1]), "metric": "inner_product", "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
@@ -82,20 +83,23 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise FinegrainError(f"{root} is not a finegrain index (no {MANIFEST}). Build one with `finegrain index build`.")
+        raise FinegrainError(f"{root} is not a finegrain index (no {MANIFEST}). "
+                             "Build one with `finegrain index build`.")
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FinegrainError(f"{path} is not valid JSON ({error}). The index is damaged: rebuild it.") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FinegrainError(f"{path} is not a finegrain index manifest. Point --index at a folder made by `finegrain index build`.")
+        raise FinegrainError(f"{path} is not a finegrain index manifest. "
+                             "Point --index at a folder made by `finegrain index build`.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FinegrainError(f"{root} has index format version {manifest.get('format_version')}, this finegrain reads "
                              f"{FORMAT_VERSION}. Rebuild the index with this version.")
     for key, kind in _MANIFEST_FIELDS:
         if not isinstance(manifest.get(key), kind):
             raise FinegrainError(f"{path} has no valid {key!r} entry. The index is damaged: rebuild it.")
-    if not isinstance(manifest["index"].get("parameters"), str) or not _PARAMETERS.fullmatch(manifest["index"]["parameters"]):
+    parameters = manifest["index"].get("parameters")
+    if not isinstance(parameters, str) or not _PARAMETERS.fullmatch(parameters):
         raise FinegrainError(f"{path} has unreadable search parameters {manifest['index'].get('parameters')!r}. "
                              "The index is damaged: rebuild it.")
     return manifest
@@ -111,11 +115,12 @@ def verify_files(root: str | Path) -> dict[str, Any]:
     for name, expected in files.items():
         path = root / name
         if not _SAFE_NAME.fullmatch(name) or path.is_symlink() or not path.is_file():
-            raise FinegrainError(f"Index file {path} is missing or not a plain file. The index is incomplete: rebuild it.")
+            raise FinegrainError(f"Index file {path} is missing or not a plain file. "
+                                 "The index is incomplete: rebuild it.")
         size = path.stat().st_size
         if size != expected.get("bytes"):
-            raise FinegrainError(f"Index file {path} has {size} bytes, the manifest says {expected.get('bytes')}: it is "
-                                 f"truncated or was changed. Refusing to load it; rebuild the index.")
+            raise FinegrainError(f"Index file {path} has {size} bytes, the manifest says {expected.get('bytes')}: "
+                                 "it is truncated or was changed. Refusing to load it; rebuild the index.")
         if sha256_file(path) != expected.get("sha256"):
             raise FinegrainError(f"Index file {path} fails its SHA-256 check: it is corrupt or was changed after the "
                                  f"build. Refusing to load it; rebuild the index (or restore the file).")
@@ -141,18 +146,20 @@ class IndexFolder:
         count, dim = int(self.manifest["count"]), int(self.manifest["dim"])
         self.embeddings = np.load(self.root / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
         if self.embeddings.dtype != np.float32 or self.embeddings.shape != (count, dim):
-            raise FinegrainError(f"{self.root / EMBEDDINGS_FILE} holds {self.embeddings.dtype} {self.embeddings.shape}, the "
-                                 f"manifest says float32 ({count}, {dim}). The files do not belong together: rebuild the index.")
+            raise FinegrainError(f"{self.root / EMBEDDINGS_FILE} holds {self.embeddings.dtype} "
+                                 f"{self.embeddings.shape}, the manifest says float32 ({count}, {dim}). "
+                                 f"The files do not belong together: rebuild the index.")
         rows, low, high = self._db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM items").fetchone()
         if rows != count or (count and (low, high) != (0, count - 1)):
-            raise FinegrainError(f"{self.root / ITEMS_FILE} lists {rows} items (ids {low}..{high}), the manifest says {count} "
-                                 f"(ids 0..{count - 1}). The files do not belong together: rebuild the index.")
+            raise FinegrainError(f"{self.root / ITEMS_FILE} lists {rows} items (ids {low}..{high}), the manifest "
+                                 f"says {count} (ids 0..{count - 1}). The files do not belong together: "
+                                 "rebuild the index.")
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         self.index = faiss.read_index(str(self.root / INDEX_FILE), flags)
         if self.index.ntotal != count or self.index.d != dim:
-            raise FinegrainError(f"{self.root / INDEX_FILE} holds {self.index.ntotal} vectors of dimension {self.index.d}, "
-                                 f"the manifest and embeddings say {count} of dimension {dim}. The files do not belong "
-                                 f"together: rebuild the index.")
+            raise FinegrainError(f"{self.root / INDEX_FILE} holds {self.index.ntotal} vectors of dimension "
+                                 f"{self.index.d}, the manifest and embeddings say {count} of dimension {dim}. "
+                                 f"The files do not belong together: rebuild the index.")
         apply_parameters(self.index, self.manifest["index"]["parameters"])  # the GPU copy inherits nprobe
         if gpu is not False and faiss.get_num_gpus() > 0:
             self.index = _to_gpu(self.index)
