@@ -56,6 +56,8 @@ class DataConfig:
     # Smallest area fraction of the random-resized crop (the paper: 0.05). Tiny data sets
     # trained from scratch need milder crops to keep shape and size cues.
     crop_min_area: float = 0.05
+    # false: train on the eval transform (no random augmentation), e.g. to compare runs exactly.
+    augment: bool = True
 
 
 @dataclass
@@ -120,6 +122,10 @@ class TrainConfig:
     batch_size: int = 256
     eval_batch_size: int | None = None
     workers: int = 4
+    # CPU intra-op threads while training (null: torch's default, one per core). Small networks
+    # gain little from more, and threads that wait for each other on a busy machine can make a
+    # run many times slower; the GPU path ignores it.
+    threads: int | None = None
     # auto: bf16 on CUDA when supported, else fp16 with a grad scaler; fp32 on CPU (which
     # "bf16" turns into bf16 autocast on CPUs with native bf16).
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -127,6 +133,11 @@ class TrainConfig:
     seed: int = 0
     # BN momentum max(1 - 10/s, 0.9) in TF terms, s = steps per epoch (Appendix B).
     bn_momentum_rule: bool = False
+    # Under torchrun: batch_size is the GLOBAL batch, split evenly across processes; each rank's
+    # share is split again into accumulate_steps micro-batches (reach batch 1024 on fewer GPUs).
+    accumulate_steps: int = 1
+    sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only)
+    freeze_bn: bool = False  # BN layers stay in eval mode while training (running statistics fixed)
 
 
 @dataclass
@@ -248,6 +259,10 @@ def _check_ranges(recipe: Recipe) -> None:
         problems.append(("train.batch_size", "at least 1"))
     if recipe.train.workers < 0:
         problems.append(("train.workers", "0 or more"))
+    if recipe.train.accumulate_steps < 1:
+        problems.append(("train.accumulate_steps", "1 or more"))
+    if recipe.train.threads is not None and recipe.train.threads < 1:
+        problems.append(("train.threads", "at least 1, or null"))
     if recipe.optim.lr <= 0:
         problems.append(("optim.lr", "positive"))
     if not 0.0 < recipe.data.crop_min_area <= 1.0:

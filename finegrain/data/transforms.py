@@ -54,11 +54,11 @@ class ImageTransform:
         return f"ImageTransform(geometry={self.geometry}, pixel_ops={self.pixel_ops}, normalize={self.normalize})"
 
 
-def train_transform(pre: Preprocessing, autoaugment: str | None = None) -> ImageTransform:
-    """Random resized crop (5%-100% of the area, aspect 3/4-4/3) to `pre.train_size`, horizontal
-    flip, optional AutoAugment ("imagenet" for backbones, "cifar10" for FGVC fine-tuning)."""
+def train_transform(pre: Preprocessing, autoaugment: str | None = None, crop_min_area: float = 0.05) -> ImageTransform:
+    """Random resized crop (5%-100% of the area by default, aspect 3/4-4/3) to `pre.train_size`,
+    horizontal flip, optional AutoAugment ("imagenet" for backbones, "cifar10" for FGVC)."""
     geometry = [
-        A.RandomResizedCrop(size=(pre.train_size, pre.train_size), scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3),
+        A.RandomResizedCrop(size=(pre.train_size, pre.train_size), scale=(crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=_LINEAR),
         A.HorizontalFlip(p=0.5),
     ]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from finegrain.distributed import gather_rows
 from finegrain.errors import FinegrainError
 from finegrain.runtime import autocast
 
@@ -39,7 +40,8 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dty
         model.train(was_training)
     if not all_logits:
         raise FinegrainError("The evaluation data set is empty. Check the test split of --data.")
-    return torch.cat(all_logits), torch.cat(all_labels)
+    # Under torchrun each rank predicted one contiguous shard: gather them in order.
+    return gather_rows(torch.cat(all_logits)), gather_rows(torch.cat(all_labels))
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

@@ -70,7 +70,7 @@ def check_kd_settings(recipe: Recipe) -> None:
         raise FinegrainError(
             f"Recipe {recipe.name} distils from a teacher (the paper's KD), but regularization.kd.logits is not set. "
             "Write the logits with `finegrain teacher-logits --weights TEACHER --data DIR --out FILE` and pass "
-            "--set regularization.kd.logits=FILE, or --set kd_required=false to train without KD.")
+            "--teacher-logits FILE (regularization.kd.logits), or --set kd_required=false to train without KD.")
 
 
 def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
@@ -101,8 +101,7 @@ def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, devi
     task = BackboneTask(train.classes, regularization.label_smoothing, regularization.kd.temperature,
                         teacher_logits, teacher)
     pre = model.preprocessing
-    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, regularization.autoaugment,
-                                                                recipe.data.crop_min_area))
+    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, regularization.autoaugment))
     eval_set = ImageDataset(held_out.samples, eval_transform(pre))
     echo(f"{recipe.name}: pretraining {recipe.model.name} on {len(train)} images / {len(train.classes)} classes "
          f"(evaluated on {len(held_out)}), train {pre.train_size} px, eval {pre.resize}->{pre.crop}, "

@@ -76,25 +76,14 @@ def recipe_preprocessing(recipe: Recipe, base: Preprocessing) -> Preprocessing:
     return dataclasses.replace(base, **{k: v for k, v in sizes.items() if v is not None})
 
 
-PAPER_CROP_MIN_AREA = 0.05
-
-
-def fgvc_train_transform(pre: Preprocessing, autoaugment: str | None, crop_min_area: float) -> Callable:
-    """The paper's training preset; with another smallest crop area, the same preset rebuilt
-    around that area (finegrain.data.transforms.train_transform fixes it at 5%)."""
+def fgvc_train_transform(pre: Preprocessing, data: Any, autoaugment: str | None) -> Callable:
+    """The paper's training preset (data.crop_min_area sets its smallest crop), or, with
+    data.augment false, the eval transform (deterministic training, e.g. to compare runs)."""
     from finegrain.data import transforms
 
-    if crop_min_area == PAPER_CROP_MIN_AREA:
-        return transforms.train_transform(pre, autoaugment)
-    import albumentations as A
-    import cv2
-    from torchvision.transforms import v2
-
-    geometry = [A.RandomResizedCrop(size=(pre.train_size, pre.train_size), scale=(crop_min_area, 1.0),
-                                    ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_LINEAR),
-                A.HorizontalFlip(p=0.5)]
-    policy = v2.AutoAugment(transforms.AUTOAUGMENT_POLICIES[autoaugment]) if autoaugment else None
-    return transforms.ImageTransform(geometry, pre, policy)
+    if not data.augment:
+        return transforms.eval_transform(pre)
+    return transforms.train_transform(pre, autoaugment, data.crop_min_area)
 
 
 def loud_warning(message: str, echo: Callable[[str], None]) -> None:
@@ -145,8 +134,7 @@ def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: 
         teacher, _ = teacher_logits_for_split(regularization.kd.logits, train, root)
     task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher)
     pre = model.preprocessing
-    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, regularization.autoaugment,
-                                                                recipe.data.crop_min_area))
+    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, regularization.autoaugment))
     test_set = ImageDataset(test.samples, eval_transform(pre))
     echo(f"{recipe.name}: {len(train)} train / {len(test)} test images, {len(train.classes)} classes, "
          f"{recipe.model.name} at {pre.train_size} (eval {pre.resize}->{pre.crop}), run dir {run_dir}")

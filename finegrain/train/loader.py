@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from finegrain.data.samplers import EpochSampler, PairedBatchSampler
+from finegrain.distributed import DistInfo, rank_slice
 from finegrain.errors import FinegrainError
 
 
@@ -52,14 +53,37 @@ class EpochBatches(Sampler[list[int]]):
         return {"seed": self.seed, "epoch": self.epoch, "skip": self.skip}
 
 
-def epoch_loader(dataset: Dataset, batches: EpochBatches, workers: int, pin_memory: bool) -> DataLoader:
+class RankBatches(Sampler[list[int]]):
+    """This process's share of every global batch under torchrun: the global order depends only
+    on (seed, epoch), so every world size sees the same global batches (and can resume another's
+    run). Paired batches (Mixup type 1) are split half by half."""
+
+    def __init__(self, batches: Sampler[list[int]], dist_info: DistInfo) -> None:
+        self.batches, self.dist = batches, dist_info
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, world = self.dist.rank, self.dist.world_size
+        for batch in self.batches:
+            if getattr(self.batches, "paired", False):
+                half = len(batch) // 2
+                yield rank_slice(batch[:half], rank, world) + rank_slice(batch[half:], rank, world)
+            else:
+                yield rank_slice(batch, rank, world)
+
+
+def epoch_loader(dataset: Dataset, batches: Sampler[list[int]], workers: int, pin_memory: bool,
+                 rank: int = 0) -> DataLoader:
     """A DataLoader over the sampler's current epoch (build a fresh one after each `set_epoch`).
 
     Its generator, seeded from (seed, epoch), fixes the workers' seeds, so a resumed epoch
     repeats its augmentations; with no workers they come from the main RNG, which the resume
     state restores.
     """
-    generator = torch.Generator().manual_seed(batches.seed * 100_003 + batches.epoch)
+    source = getattr(batches, "batches", batches)  # RankBatches wraps the seeded sampler
+    generator = torch.Generator().manual_seed(source.seed * 100_003 + source.epoch + 7919 * rank)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
                       generator=generator, persistent_workers=False)
 

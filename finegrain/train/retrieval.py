@@ -165,8 +165,11 @@ class RetrievalTask(Task):
         self.recall_ks = tuple(section.recall_ks)
         self.metadata = metadata or {}
 
+    def training_module(self, model: nn.Module) -> nn.Module:
+        return _Embeddings(model)
+
     def loss(self, model: nn.Module, batch: TrainBatch) -> Tensor:
-        return self.criterion(model.forward_embedding(batch.images), batch.labels)
+        return self.criterion(model(batch.images), batch.labels)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
                  dtype: torch.dtype | None, channels_last: bool) -> dict[str, float]:

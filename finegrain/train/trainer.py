@@ -11,6 +11,7 @@ best.safetensors and resume_state.pt.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -21,9 +22,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from finegrain import distributed
 from finegrain.data.mixup import mix_tensors, sample_lambdas, shuffle_order
 from finegrain.errors import FinegrainError
 from finegrain.fileio import atomic_path
@@ -31,7 +33,7 @@ from finegrain.models import save_model, set_drop_block_keep_prob
 from finegrain.recipes import Recipe, recipe_to_yaml
 from finegrain.runtime import autocast, default_device
 from finegrain.train import checkpoint, report
-from finegrain.train.loader import EpochBatches, epoch_loader, eval_loader
+from finegrain.train.loader import EpochBatches, RankBatches, epoch_loader, eval_loader
 from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
                                    set_bn_momentum)
 
@@ -49,6 +51,18 @@ class TrainBatch:
     lam: Tensor | None = None  # [B] weight of the first sample, from Beta(alpha, alpha)
 
 
+def split_batch(batch: TrainBatch, chunks: int) -> list[TrainBatch]:
+    """`chunks` equal micro-batches of a batch, for gradient accumulation (1: the batch itself)."""
+    if chunks == 1:
+        return [batch]
+    if len(batch.labels) % chunks:
+        raise FinegrainError(f"A batch of {len(batch.labels)} does not split into {chunks} accumulation steps. "
+                             "Pick train.batch_size divisible by processes x train.accumulate_steps.")
+    fields = {name: value for name, value in vars(batch).items() if value is not None}
+    parts = {name: value.chunk(chunks) for name, value in fields.items()}
+    return [TrainBatch(**{name: chunk[i] for name, chunk in parts.items()}) for i in range(chunks)]
+
+
 class Task:
     """What a kind of training adds to the loop. Subclass and override `loss` and `evaluate`."""
 
@@ -64,6 +78,11 @@ class Task:
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
                  dtype: torch.dtype | None, channels_last: bool) -> dict[str, float]:
         raise NotImplementedError
+
+    def training_module(self, model: nn.Module) -> nn.Module:
+        """The module `loss` receives: its forward is what training calls (DDP wraps this one,
+        and only its forward synchronises gradients)."""
+        return model
 
     def param_groups(self, model: nn.Module) -> list[ParamGroupSpec]:
         """Parameters with their own lr multiplier / weight decay (default: none)."""
@@ -98,9 +117,11 @@ class Trainer:
         self.recipe, self.model, self.task = recipe, model, task
         self.train_set, self.eval_set = train_set, eval_set
         self.run_dir = Path(run_dir)
-        self.device = device or default_device()
-        self.progress = progress
-        self.echo = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+        self.dist = distributed.init_distributed()  # one process unless started by torchrun
+        self.device = distributed.device_for(self.dist) if self.dist.enabled else (device or default_device())
+        self.progress = progress and self.dist.is_main
+        echo = echo or (lambda message: tqdm.write(message, file=sys.stderr))
+        self.echo = echo if self.dist.is_main else (lambda message: None)
         train = recipe.train
         self.amp_dtype, use_scaler = resolve_amp(train.amp, self.device)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
@@ -112,6 +133,7 @@ class Trainer:
         self.model.to(self.device, memory_format=self.memory_format)
         if task.trainable is not None:
             task.trainable.to(self.device)
+        self.train_model = self._data_parallel(task.training_module(self.model))
         if train.bn_momentum_rule:
             set_bn_momentum(self.model, bn_momentum_rule(self.steps_per_epoch))
         trained = nn.ModuleList([self.model] + ([task.trainable] if task.trainable is not None else []))
@@ -132,6 +154,29 @@ class Trainer:
         if (dropblock.start, dropblock.end) != (1.0, 1.0) and set_drop_block_keep_prob(model, dropblock.start) == 0:
             self.echo(f"warning: the recipe sets DropBlock keep_prob {dropblock.start} -> {dropblock.end}, but "
                       f"{getattr(model, 'arch', type(model).__name__)} has no DropBlock layers; it is ignored.")
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """The module the loss calls: DDP (gradients averaged across ranks) under torchrun."""
+        if not self.dist.enabled:
+            return model
+        train = self.recipe.train
+        if train.batch_size % (self.dist.world_size * train.accumulate_steps):
+            raise FinegrainError(f"train.batch_size {train.batch_size} (the global batch) must divide by "
+                                 f"{self.dist.world_size} processes x {train.accumulate_steps} accumulation steps.")
+        if train.sync_bn:
+            if self.device.type != "cuda":
+                raise FinegrainError("train.sync_bn needs GPUs (NCCL). Set --set train.sync_bn=false on CPU.")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _sync_task_gradients(self) -> None:
+        """Average the gradients of a task's own parameters (e.g. ArcFace class weights) across ranks."""
+        if self.dist.enabled and self.task.trainable is not None:
+            for parameter in self.task.trainable.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad /= self.dist.world_size
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -168,6 +213,8 @@ class Trainer:
         return int(state["epoch"]), int(state["step_in_epoch"]), float(state["loss_sum"])
 
     def _save_model(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         extra = {"finegrain.epoch": str(epoch), "finegrain.recipe": self.recipe.name,
                  **{f"finegrain.metric.{k}": repr(v) for k, v in metrics.items() if isinstance(v, float)},
                  **self.task.checkpoint_metadata()}
@@ -182,14 +229,24 @@ class Trainer:
         with the next unseen batch of the same order.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu" and self.recipe.train.threads is not None:
+            torch.set_num_threads(self.recipe.train.threads)
+        try:
+            return self._fit(resume)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         if resume:
             self._position = self._load_state(checkpoint.load_resume_state(self.resume_path))
             self.echo(f"resuming {self.run_dir} after epoch {self._position[0]}, step {self._position[1]}")
         else:
             self._position = (0, 0, 0.0)
             checkpoint.seed_everything(self.recipe.train.seed)
-            with atomic_path(self.run_dir / "recipe.yaml") as tmp:
-                tmp.write_text(recipe_to_yaml(self.recipe))
+            if self.dist.is_main:
+                with atomic_path(self.run_dir / "recipe.yaml") as tmp:
+                    tmp.write_text(recipe_to_yaml(self.recipe))
             if self.task.evaluate_at_start:
                 self._log_row({"epoch": 0, "loss": None, "lr": None, **self._evaluate()})
         try:
@@ -201,7 +258,8 @@ class Trainer:
                 self._finish_epoch({**train_row, **metrics, "time": round(time.perf_counter() - start, 3),
                                     "images_per_s": throughput})
         except KeyboardInterrupt:
-            checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+            if self.dist.is_main:
+                checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
             self.echo(f"interrupted: resume state saved to {self.resume_path}; continue with --resume")
             raise
         return {"best": dict(self.best), "last": self.rows[-1] if self.rows else {}}
@@ -209,10 +267,16 @@ class Trainer:
     def _train_epoch(self) -> dict[str, Any]:
         epoch, skip, loss_sum = self._position
         self.model.train()
+        if self.recipe.train.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         if self.task.trainable is not None:
             self.task.trainable.train()
         self.batches.set_epoch(epoch, skip)
-        loader = epoch_loader(self.train_set, self.batches, self.recipe.train.workers, self.device.type == "cuda")
+        sampler = RankBatches(self.batches, self.dist) if self.dist.enabled else self.batches
+        loader = epoch_loader(self.train_set, sampler, self.recipe.train.workers, self.device.type == "cuda",
+                              rank=self.dist.rank)
         bar = tqdm(loader, total=self.steps_per_epoch, initial=skip, leave=False, file=sys.stderr,
                    desc=f"epoch {epoch + 1}/{self.recipe.train.epochs}", disable=not self.progress)
         images_seen, start, lr = 0, time.perf_counter(), self.optimizer.param_groups[0]["lr"]
@@ -233,14 +297,21 @@ class Trainer:
         set_drop_block_keep_prob(self.model, linear_schedule(self.global_step, self.total_steps,
                                                              dropblock.start, dropblock.end))
         batch = self._make_batch(items[0], items[1], items[2])
-        with autocast(self.device, self.amp_dtype):
-            loss = self.task.loss(self.model, batch)
-        value = float(loss.detach())
+        chunks = self.recipe.train.accumulate_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        value = 0.0
+        for index, micro in enumerate(split_batch(batch, chunks)):
+            last = index == chunks - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.task.loss(self.train_model, micro) / chunks
+                self.scaler.scale(loss).backward()
+            value += float(loss.detach())
         if not math.isfinite(value):
             raise FinegrainError(f"The training loss became {value} at step {self.global_step}. "
                                  "Lower optim.lr (or use train.amp=bf16/fp32) and start again.")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self._sync_task_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -267,7 +338,10 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         train = self.recipe.train
-        loader = eval_loader(self.eval_set, train.eval_batch_size or train.batch_size, train.workers,
+        shard = self.eval_set
+        if self.dist.enabled:  # contiguous shards, no padding; predict_logits gathers them in order
+            shard = Subset(self.eval_set, distributed.shard_range(len(self.eval_set), self.dist.rank, self.dist.world_size))
+        loader = eval_loader(shard, train.eval_batch_size or train.batch_size, train.workers,
                              self.device.type == "cuda")
         models = [self.model] + ([self.task.trainable] if self.task.trainable is not None else [])
         modes = [m.training for m in models]
@@ -286,14 +360,19 @@ class Trainer:
         self._save_model("last.safetensors", epoch, row)
         if value > self.best["value"]:
             self.best = {"metric": self.task.best_metric, "value": value, "epoch": epoch}
-            with atomic_path(self.run_dir / "best.safetensors") as tmp:
-                shutil.copyfile(self.run_dir / "last.safetensors", tmp)
+            if self.dist.is_main:
+                with atomic_path(self.run_dir / "best.safetensors") as tmp:
+                    shutil.copyfile(self.run_dir / "last.safetensors", tmp)
         self._log_row(row)
         self._position = (epoch, 0, 0.0)
-        checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+        if self.dist.is_main:
+            checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+        distributed.barrier()
 
     def _log_row(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if not self.dist.is_main:
+            return
         report.write_metrics(self.run_dir, self.rows)
         report.plot_curves(self.rows, self.run_dir / report.CURVES_FILE, title=self.recipe.name)
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
