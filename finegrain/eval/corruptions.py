@@ -47,20 +47,24 @@ _TAKES_SEED = frozenset(
 )
 
 
-def parse_corruptions(names: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """Validate corruption names (a comma-separated string or a list); None means the 15 of mCE."""
+def parse_names(names: str | list[str] | tuple[str, ...] | None, default: tuple[str, ...],
+                valid: tuple[str, ...], what: str) -> list[str]:
+    """Validate names (a comma-separated string or a list, duplicates dropped); None: `default`."""
     if names is None:
-        return list(CORRUPTIONS)
+        return list(default)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    valid = CORRUPTIONS + VALIDATION_CORRUPTIONS
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
         raise FinegrainError(
-            f"Unknown corruption(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
-            f"Choose from: {', '.join(valid)}."
+            f"Unknown {what}(s) {', '.join(map(repr, unknown)) or '(none given)'}. Choose from: {', '.join(valid)}."
         )
     return list(dict.fromkeys(names))
+
+
+def parse_corruptions(names: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Validate corruption names; None means the 15 of mCE."""
+    return parse_names(names, CORRUPTIONS, CORRUPTIONS + VALIDATION_CORRUPTIONS, "corruption")
 
 
 def parse_severities(severities: str | list[int] | tuple[int, ...] | None) -> list[int]:

@@ -59,18 +59,9 @@ _FROM_FIRST_FRAME = NOISE_PERTURBATIONS | {"zoom_blur", "spatter"}
 
 def parse_perturbations(names: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Validate perturbation names; None means the 10 test perturbations of mFR."""
-    if names is None:
-        return list(PERTURBATIONS)
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    valid = PERTURBATIONS + VALIDATION_PERTURBATIONS
-    unknown = [n for n in names if n not in valid]
-    if unknown or not names:
-        raise FinegrainError(
-            f"Unknown perturbation(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
-            f"Choose from: {', '.join(valid)}."
-        )
-    return list(dict.fromkeys(names))
+    from finegrain.eval.corruptions import parse_names
+
+    return parse_names(names, PERTURBATIONS, PERTURBATIONS + VALIDATION_PERTURBATIONS, "perturbation")
 
 
 def compares_to_first_frame(name: str) -> bool:
