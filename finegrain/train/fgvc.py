@@ -99,16 +99,24 @@ def build_fgvc_model(recipe: Recipe, num_classes: int, echo: Callable[[str], Non
     preprocessing adopted from the backbone file is the same as in the interrupted run.
     """
     model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
+    warm_start(model, recipe, echo, resuming, "Fine-tuning needs pretrained weights (--weights FILE) to reach "
+               "the paper's accuracy.")
+    model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
+    return model
+
+
+def warm_start(model: nn.Module, recipe: Recipe, echo: Callable[[str], None], resuming: bool,
+               without_weights: str | None) -> None:
+    """Load recipe.model.weights into everything but the head, saying so; with no weights, warn
+    loudly (`without_weights` says why it matters) unless None (pretraining starts from scratch)."""
     if recipe.model.weights:
         counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
         if not resuming:
             echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
-                 f"{counts['skipped']} (classifier) skipped")
-    elif not resuming:
-        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. "
-                     "Fine-tuning needs pretrained weights (--weights FILE) to reach the paper's accuracy.", echo)
-    model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
-    return model
+                 f"{counts['skipped']} (head) skipped")
+    elif not resuming and without_weights:
+        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. {without_weights}",
+                     echo)
 
 
 def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,

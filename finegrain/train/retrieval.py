@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from finegrain.data.base import Split
 from finegrain.errors import FinegrainError
-from finegrain.models import create_embedder, load_backbone_weights, load_model
+from finegrain.models import create_embedder, load_model
 from finegrain.preprocessing import Preprocessing
 from finegrain.recipes import Recipe
-from finegrain.train.fgvc import loud_warning, resolve_data_root
+from finegrain.train.fgvc import resolve_data_root, warm_start
 from finegrain.train.metric_losses import create_metric_loss
 from finegrain.train.optim import ParamGroupSpec
 from finegrain.train.trainer import Task, TrainBatch, Trainer
@@ -208,14 +208,8 @@ def build_embedder(recipe: RetrievalRecipe, echo: Callable[[str], None], resumin
     section = recipe.retrieval
     model = create_embedder(recipe.model.name, section.embedding_size, gem_p=section.gem_p,
                             learnable_p=section.gem_learnable, **recipe.model.overrides)
-    if recipe.model.weights:
-        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
-        if not resuming:
-            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
-                 f"{counts['skipped']} (classifier/embedding) skipped")
-    elif not resuming:
-        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. Retrieval "
-                     "fine-tuning needs a pretrained backbone (--weights FILE) to reach the paper's recall.", echo)
+    warm_start(model, recipe, echo, resuming, "Retrieval fine-tuning needs a pretrained backbone "
+               "(--weights FILE) to reach the paper's recall.")
     model.preprocessing = retrieval_preprocessing(recipe, model.preprocessing)
     return model
 
