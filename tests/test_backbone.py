@@ -276,6 +276,37 @@ def test_teacher_for_other_classes_is_refused_before_inference(pretrained: Path,
     assert not (tmp_path / "t.safetensors").exists()
 
 
+def test_teacher_logits_cli_with_plain_timm_state_dicts(tiny_root: Path, tmp_path: Path) -> None:
+    """A timm teacher from a local weights file: by tensor name, or by position (the Lite0 package)."""
+    import timm
+    import typer
+
+    from finegrain.cli.backbone import teacher_logits
+    from finegrain.train.pretrained import efficientnet_lite0_package_file
+
+    app = typer.Typer()
+    app.command()(teacher_logits)
+    weights = tmp_path / "resnet10t.safetensors"
+    network = timm.create_model("resnet10t", num_classes=3)
+    save_file(network.state_dict(), str(weights))
+    out = tmp_path / "logits.safetensors"
+    result = CliRunner().invoke(app, ["--weights", str(weights), "--data", str(tiny_root), "--out", str(out),
+                                      "--arch", "timm/resnet10t", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "24 images x 3 classes" in result.output
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+        assert handle.get_tensor("logits").shape == (24, 3)
+    assert metadata["finegrain.teacher_arch"] == "timm/resnet10t"
+    assert json.loads(metadata["finegrain.preprocessing"])["crop"] == network.pretrained_cfg["input_size"][-1]
+    # the Lite0 package's file loads into timm by position; an ImageNet head does not fit 3 classes
+    lite0 = str(efficientnet_lite0_package_file())
+    result = CliRunner().invoke(app, ["--weights", lite0, "--data", str(tiny_root), "--out",
+                                      str(tmp_path / "t.safetensors"), "--arch", "timm/tf_efficientnet_lite0"])
+    assert isinstance(result.exception, FinegrainError)
+    assert "predicts 1000 classes, the training data has 3" in str(result.exception)
+
+
 # ------------------------------------------------------------------------------- the KD loss
 class Passthrough(nn.Module):
     """A 'network' whose logits are its input: the loss can then be checked by hand."""
