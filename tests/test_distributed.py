@@ -70,3 +70,24 @@ def test_recall_of_gathered_embeddings_equals_one_process(tmp_path):
         assert start_one[key] == start_two[key], key
     # Shards embed in other batch compositions: the last float bits of a few scores may move.
     assert start_one["map@r"] == pytest.approx(start_two["map@r"], abs=1e-5)
+
+
+def test_index_build_shards_embedding_across_ranks(tmp_path):
+    """Two ranks embed alternate shards; rank 0 merges them into the same index as one process."""
+    import numpy as np
+
+    import finegrain
+    from finegrain.data import demo_root
+
+    model = finegrain.create_embedder("assemble_resnet50", embedding_size=16, base_width=8)
+    model.preprocessing = model.preprocessing.with_eval_size(64)
+    weights = finegrain.save_model(model, tmp_path / "embedder.safetensors")
+    images = str(demo_root() / "test")
+    common = ["index", "build", "--weights", str(weights), "--images", images, "--shard-size", "40"]
+    run([*common, "--out", "one"], 1, tmp_path)
+    run([*common, "--out", "two"], 2, tmp_path)
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert one["count"] == two["count"] == 160
+    vectors = [np.load(tmp_path / name / "embeddings.npy") for name in ("one", "two")]
+    assert np.allclose(vectors[0], vectors[1], atol=1e-5)

@@ -72,8 +72,9 @@ def build(
     report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
                          recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
                          workers=workers, shard_size=shard_size)
-    _summary(report, "indexed")
-    console.print(f"wrote {out}")
+    if report.manifest:  # under torchrun, only rank 0 writes the index and reports it
+        _summary(report, "indexed")
+        console.print(f"wrote {out}")
 
 
 @app.command()

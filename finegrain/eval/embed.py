@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from finegrain.data.images import decode_rgb
 from finegrain.data.transforms import eval_transform, retrieval_eval_transform
+from finegrain import distributed
 from finegrain.errors import FinegrainError
 from finegrain.fileio import atomic_path
 from finegrain.preprocessing import Preprocessing
@@ -148,11 +149,25 @@ def embed_paths(model: nn.Module, paths: Sequence[str | os.PathLike], preprocess
         raise FinegrainError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1. "
                              "Pass positive sizes.")
     paths = [str(path) for path in paths]
-    device = torch.device(device) if device is not None else default_device()
+    info = distributed.current()
+    device = torch.device(device) if device is not None else (
+        distributed.device_for(info) if info.enabled else default_device())
     model = model.to(device).eval()
     transform = image_transform(model, preprocessing)
     work = Path(work_dir) if work_dir is not None else None
     step = shard_size if work is not None else max(1, len(paths))
+    if info.enabled and work is not None:
+        # Under torchrun each rank embeds every world_size-th shard into the shared work folder;
+        # once all are written, every rank reads the finished set below (in order).
+        for number, start in list(enumerate(range(0, len(paths), step)))[info.rank::info.world_size]:
+            chunk = paths[start:start + step]
+            folder = work / f"shard-{number:06d}-{_shard_key(cache_key, chunk)}"
+            if not folder.is_dir():
+                with tqdm(total=len(chunk), desc=f"embedding (rank {info.rank})", unit="img",
+                          disable=not progress) as bar:
+                    _write_shard(folder, *_embed_chunk(model, chunk, transform, device, batch_size, workers, bar))
+        distributed.barrier()
+        progress = progress and info.is_main
     parts, ok_paths, failed = [], [], []
     reused = computed = 0
     with tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress) as bar:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from finegrain import __version__
 from finegrain.data.base import IMAGE_EXTENSIONS
 from finegrain.errors import FinegrainError
+from finegrain import distributed
 from finegrain.eval.embed import DEFAULT_SHARD_SIZE, embed_paths, embedding_mode
 from finegrain.fileio import sha256_file
 from finegrain.index.select import build_tuned_index, parse_memory
@@ -128,6 +129,7 @@ def build_index(images: str | Path, out: str | Path, *, weights: str | Path, ind
         raise FinegrainError(f"{out} exists and is not a finegrain index. Choose a new --out folder.")
     budget = parse_memory(max_memory)
     start = time.perf_counter()
+    info = distributed.init_distributed()  # torchrun: the embedding is sharded across ranks
     model, fingerprint = load_weights(weights)
     items, duplicates, failed = _new_items(list_images(root), root, set(), progress)
     work_dir = out.parent / f".{out.name}.embedding-work"
@@ -135,6 +137,8 @@ def build_index(images: str | Path, out: str | Path, *, weights: str | Path, ind
                                               device=device, workers=workers, shard_size=shard_size, progress=progress,
                                               on_shard=on_shard)
     failed += bad
+    if not info.is_main:  # rank 0 alone tunes and writes the index
+        return BuildReport({}, len(kept), failed, duplicates, reused)
     if not kept:
         raise FinegrainError(f"None of the images under {root} could be decoded (e.g. {failed[0][0]}: {failed[0][1]}). "
                              "Check the folder.")
