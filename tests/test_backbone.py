@@ -352,3 +352,16 @@ def test_backbone_model_starts_from_random_init_with_recipe_sizes(tiny_root: Pat
     assert (model.preprocessing.train_size, model.preprocessing.resize, model.preprocessing.crop) == (64, 72, 64)
     last_bn = [m.bn3.weight for m in model.modules() if hasattr(m, "bn3")]
     assert last_bn and all(torch.count_nonzero(w) == 0 for w in last_bn)  # zero-gamma
+
+
+def test_pretraining_can_continue_from_a_backbone_on_another_corpus(pretrained: Path, tiny_root: Path) -> None:
+    """model.weights warm-starts pretraining (e.g. ImageNet weights, then a domain corpus)."""
+    weights = pretrained / "best.safetensors"
+    messages: list[str] = []
+    model = build_backbone_model(tiny_recipe(tiny_root, f"model.weights={json.dumps(str(weights))}"), 5,
+                                 messages.append)
+    assert len(messages) == 1 and "warm start from" in messages[0]
+    backbone = finegrain.load_model(weights).state_dict()
+    stem = next(k for k in backbone if backbone[k].ndim == 4)
+    assert torch.equal(model.state_dict()[stem], backbone[stem])
+    assert model.state_dict()["fc.weight"].shape[0] == 5  # a fresh head for the new corpus's classes

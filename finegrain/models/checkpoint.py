@@ -199,7 +199,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, reset_bn_stats: bo
     problems = [p for p in describe_mismatch(model, state, skip) if not p.startswith("unexpected")]
     if problems:
         raise mismatch_error(path, getattr(model, "arch", type(model).__name__), problems)
-    backbone = {k: v for k, v in state.items() if not k.startswith(skip) and k in model.state_dict()}
+    own = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith(skip) and k in own}
     model.load_state_dict(backbone, strict=False)
     if reset_bn_stats:
         for module in model.modules():

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models import create_model, load_backbone_weights
+from finegrain.models import create_model
 from finegrain.recipes import Recipe
 from finegrain.train.checkpoint import RESUME_FILE, seed_everything
-from finegrain.train.fgvc import ClassificationTask, fgvc_train_transform, recipe_preprocessing, resolve_data_root
+from finegrain.train.fgvc import (ClassificationTask, fgvc_train_transform, recipe_preprocessing, resolve_data_root,
+                                  warm_start)
 from finegrain.train.teacher_logits import teacher_logits_for_split
 from finegrain.train.trainer import Trainer
 
@@ -56,11 +57,7 @@ def build_backbone_model(recipe: Recipe, num_classes: int, echo: Callable[[str],
     """The recipe's network from random initialisation (zero-gamma where the family has it), or
     warm-started from model.weights (e.g. continuing on a domain corpus after ImageNet)."""
     model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
-    if recipe.model.weights:
-        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
-        if not resuming:
-            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
-                 f"{counts['skipped']} (classifier) skipped")
+    warm_start(model, recipe, echo, resuming, without_weights=None)
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
     return model
 

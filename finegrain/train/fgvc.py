@@ -37,16 +37,16 @@ class ClassificationTask(Task):
                  teacher_logits: Tensor | None = None) -> None:
         self.classes = classes
         self.criterion = ClassificationLoss(len(classes), label_smoothing, temperature)
-        self.teacher_logits = teacher_logits  # [N_train, C], rows in dataset order
+        self.teacher_logits = teacher_logits  # [N_train, C] on the CPU, rows in dataset order
 
     def loss(self, model: nn.Module, batch: TrainBatch) -> Tensor:
         logits = model(batch.images)
         teacher = partner = None
         if self.teacher_logits is not None:
-            self.teacher_logits = self.teacher_logits.to(batch.indices.device)
-            teacher = self.teacher_logits[batch.indices]
+            # The table stays on the CPU (ImageNet's is 5 GB); only this batch's rows travel.
+            teacher = self.teacher_logits[batch.indices.cpu()].to(batch.indices.device)
             if batch.partner_indices is not None:
-                partner = self.teacher_logits[batch.partner_indices]
+                partner = self.teacher_logits[batch.partner_indices.cpu()].to(batch.indices.device)
         return self.criterion(logits, batch.labels, batch.partner_labels, batch.lam, teacher, partner)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
