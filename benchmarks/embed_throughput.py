@@ -18,7 +18,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import finegrain
 from finegrain.data import ImageDataset, demo_root, load_splits
 from finegrain.data.transforms import retrieval_eval_transform
+from finegrain.eval.throughput import time_once
 from finegrain.eval.inference import InferenceModel, InferenceOptions
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.fileio import atomic_path
@@ -41,16 +41,6 @@ def eager(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | Non
         with torch.inference_mode(), autocast(device, dtype):
             return model.forward_embedding(x.to(device)).float()
     return run
-
-
-def timed(embed: Embed, x: torch.Tensor, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    embed(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def demo_test_images(size: int, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +90,11 @@ def main() -> None:
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     for embed in configs.values():  # warm-up: oneDNN / cuDNN primitive creation, allocator
-        timed(embed, x, device)
+        time_once(embed, x, device)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, embed in configs.items():
-            times[name].append(timed(embed, x, device))
+            times[name].append(time_once(embed, x, device))
     rate = {name: args.batch / statistics.median(values) for name, values in times.items()}
 
     reference = torch.cat([configs["eager forward_embedding FP32"](chunk) for chunk in images.split(64)]).cpu()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +21,8 @@ import finegrain
 from finegrain.data import ImageDataset, demo_root, load_splits
 from finegrain.data.transforms import eval_transform
 from finegrain.eval.inference import InferenceModel, InferenceOptions
+from finegrain.eval.throughput import time_once
 from finegrain.preprocessing import IMAGENET
-
-
-def timed(model, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    return time.perf_counter() - start
 
 
 def demo_batch(size: int, count: int = 64) -> torch.Tensor:
@@ -86,12 +79,13 @@ def main() -> None:
         "assemble_resnet50 @256 fast FP32": (InferenceModel(assemble, InferenceOptions(), cpu), x256),
         "assemble_resnet50 @256 fast bf16": (InferenceModel(assemble, InferenceOptions(dtype=torch.bfloat16), cpu), x256),
     }
+    cpu_time = lambda model, x: time_once(torch.inference_mode()(model), x, cpu)  # noqa: E731
     for model, x in configs.values():  # warm-up: oneDNN primitive creation, allocator
-        timed(model, x)
+        cpu_time(model, x)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, (model, x) in configs.items():
-            times[name].append(timed(model, x))
+            times[name].append(cpu_time(model, x))
     rate = {name: args.batch / statistics.median(values) for name, values in times.items()}
     base = rate["torchvision resnet50 @224"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.rounds}")
@@ -109,6 +103,7 @@ def main() -> None:
     print(f"Assemble-R50@256 / torchvision R50@224 (paper GPU: 0.58):  {rate['assemble_resnet50 @256'] / base:.2f}")
     images = demo_batch(256)
     for name in ("resnet50", "assemble_resnet50"):
+        torch.manual_seed(0)  # the same random network on every run
         top1, cosine = agreement(calibrate(finegrain.create_model(name), images), images)
         print(f"bf16 vs FP32 on demo photos, {name} (calibrated BN): top-1 agreement {top1:.3f}, feature cosine {cosine:.5f}")
 

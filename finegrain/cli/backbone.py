@@ -2,18 +2,14 @@
 `finegrain teacher-logits`: write the offline KD teacher logits those recipes distil from."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from finegrain.errors import FinegrainError
+from finegrain.cli.runs import choose_recipe, echo, quoted, results
 
-console = Console(stderr=True)  # progress and log lines
-results = Console()  # the figures, on stdout
 
 app = typer.Typer(help="Pretrain a backbone (ImageNet or a domain corpus) for later fine-tuning.",
                   no_args_is_help=True)
@@ -22,15 +18,6 @@ app = typer.Typer(help="Pretrain a backbone (ImageNet or a domain corpus) for la
 @app.callback()
 def backbone() -> None:
     """Pretrain a backbone with the paper's recipes (recipes/backbone: Tables 7 and 9, and demo)."""
-
-
-def _quoted(value: Path | str) -> str:
-    """A --set value that YAML reads back as this exact string (paths with ':' or spaces)."""
-    return json.dumps(str(value))
-
-
-def _echo(message: str) -> None:
-    console.print(message, highlight=False, markup=False)
 
 
 @app.command("train")
@@ -57,24 +44,15 @@ def train(
     from finegrain.recipes import load_recipe
     from finegrain.train import report
     from finegrain.train.backbone import BackboneRecipe, run_backbone
-    from finegrain.train.fgvc import same_recipe_or_error
 
     overrides = list(assignments or [])
     if data is not None:
-        overrides.append(f"data.root={_quoted(data)}")
+        overrides.append(f"data.root={quoted(data)}")
     if teacher_logits is not None:
-        overrides.append(f"regularization.kd.logits={_quoted(teacher_logits)}")
-    saved = out / "recipe.yaml" if resume and out is not None else None
-    if resume and (saved is None or not saved.is_file()):
-        raise FinegrainError("--resume needs --out pointing at a run directory with recipe.yaml. Pass --out RUN.")
-    if recipe is None and saved is None:
-        raise FinegrainError("No recipe given. Pass --recipe NAME (e.g. demo or assemble_resnet50; list them with "
-                             "`finegrain recipes`), or --resume --out RUN to continue a run.")
-    chosen = load_recipe(str(saved) if recipe is None else recipe, overrides, group="backbone", schema=BackboneRecipe)
-    if saved is not None:
-        same_recipe_or_error(load_recipe(str(saved), group="backbone", schema=BackboneRecipe), chosen)
-    run_dir = out or Path(chosen.output.dir or Path("runs") / chosen.name)
-    summary = run_backbone(chosen, run_dir, resume=resume, progress=not quiet, echo=_echo)
+        overrides.append(f"regularization.kd.logits={quoted(teacher_logits)}")
+    chosen, run_dir = choose_recipe(recipe, out, resume, overrides, lambda name, sets: load_recipe(
+        name, sets, group="backbone", schema=BackboneRecipe))
+    summary = run_backbone(chosen, run_dir, resume=resume, progress=not quiet, echo=echo)
     table = Table(title=f"{chosen.name}: top-k accuracy on the held-out split (%)")
     for column in ("checkpoint", "epoch", "top-1", "top-5"):
         table.add_column(column, justify="right" if column != "checkpoint" else "left")
@@ -107,7 +85,7 @@ def teacher_logits(
     from finegrain.train.teacher_logits import write_teacher_logits
 
     summary = write_teacher_logits(weights, data, out, kind=kind, arch=arch, batch_size=batch_size, workers=workers,
-                                   progress=not quiet, echo=_echo)
+                                   progress=not quiet, echo=echo)
     results.print(f"{summary['out']}: logits of {summary['images']} images x {summary['classes']} classes, teacher "
                   f"{summary['teacher'][:19]}..., teacher top-1 on these images {100 * summary['teacher_top1']:.2f}%",
                   highlight=False)

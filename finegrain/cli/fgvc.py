@@ -1,32 +1,15 @@
 """`finegrain fgvc`: fine-tune a backbone on a fine-grained classification data set."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from finegrain.errors import FinegrainError
-
-console = Console(stderr=True)  # progress and log lines
-results = Console()  # the figures, on stdout
+from finegrain.cli.runs import choose_recipe, echo, quoted, results
 
 
-def _quoted(value: Path | str) -> str:
-    """A --set value that YAML reads back as this exact string (paths with ':' or spaces)."""
-    return json.dumps(str(value))
-
-
-def _saved_recipe(run_dir: Path) -> Path:
-    """The resolved recipe a run directory was started with."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise FinegrainError(f"{run_dir} holds no recipe.yaml, so it is not a run directory. Pass the --out of the "
-                             "run to continue.")
-    return path
 
 
 def fgvc(
@@ -48,22 +31,17 @@ def fgvc(
     """
     from finegrain.recipes import load_recipe
     from finegrain.train import report
-    from finegrain.train.fgvc import run_fgvc, same_recipe_or_error
+    from finegrain.train.fgvc import run_fgvc
 
     overrides = list(assignments or [])
     if data is not None:
-        overrides.append(f"data.root={_quoted(data)}")
+        overrides.append(f"data.root={quoted(data)}")
     if weights is not None:
-        overrides.append(f"model.weights={_quoted(weights)}")
-    if recipe is None and not (resume and out is not None):
-        raise FinegrainError("No recipe given. Pass --recipe NAME (e.g. demo; list them with `finegrain recipes`), "
-                             "or --resume --out RUN to continue a run.")
-    chosen = load_recipe(str(_saved_recipe(out)) if recipe is None else recipe, overrides, group="fgvc")
-    run_dir = out or Path(chosen.output.dir or Path("runs") / chosen.name)
-    if resume:
-        same_recipe_or_error(load_recipe(str(_saved_recipe(run_dir)), group="fgvc"), chosen)
+        overrides.append(f"model.weights={quoted(weights)}")
+    chosen, run_dir = choose_recipe(recipe, out, resume, overrides,
+                                    lambda name, sets: load_recipe(name, sets, group="fgvc"))
     summary = run_fgvc(chosen, run_dir, resume=resume, progress=not quiet,
-                       echo=lambda message: console.print(message, highlight=False, markup=False))
+                       echo=echo)
     best, last = summary["best"], summary["last"]
     table = Table(title=f"{chosen.name}: top-k accuracy on the test split (%)")
     for column in ("checkpoint", "epoch", "top-1", "top-5"):

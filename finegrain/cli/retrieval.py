@@ -6,18 +6,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from finegrain.cli.runs import choose_recipe, echo, quoted, results
 from finegrain.errors import FinegrainError
 
-console = Console(stderr=True)  # progress and log lines
-results = Console()  # the figures, on stdout
-
-
-def _quoted(value: Path | str) -> str:
-    """A --set value that YAML reads back as this exact string (paths with ':' or spaces)."""
-    return json.dumps(str(value))
 
 
 def _load(name: str, overrides: list[str], loss: Optional[str]) -> Any:
@@ -29,7 +22,7 @@ def _load(name: str, overrides: list[str], loss: Optional[str]) -> Any:
     recipe = load_recipe(name, overrides, group="retrieval", schema=RetrievalRecipe)
     if loss is None or loss == recipe.retrieval.loss.name:
         return recipe
-    return load_recipe(name, [f"retrieval.loss.name={_quoted(loss)}", "retrieval.loss.args={}", *overrides],
+    return load_recipe(name, [f"retrieval.loss.name={quoted(loss)}", "retrieval.loss.args={}", *overrides],
                        group="retrieval", schema=RetrievalRecipe)
 
 
@@ -60,7 +53,7 @@ def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Option
         raise FinegrainError(f"{weights} does not record its recipe. Pass --recipe NAME (its data and Recall@K).")
     if data is None and metadata.get("finegrain.data"):
         data = Path(json.loads(metadata["finegrain.data"])["root"])
-    recipe = _load(recipe_name, overrides + ([f"data.root={_quoted(data)}"] if data else []), None)
+    recipe = _load(recipe_name, overrides + ([f"data.root={quoted(data)}"] if data else []), None)
     report = evaluate_checkpoint(weights, recipe)
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
                   f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
@@ -82,9 +75,7 @@ def retrieval(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
 ) -> None:
     """Fine-tune a GeM embedder with a metric loss; Recall@K / MAP@R on unseen classes every epoch."""
-    from finegrain.recipes import RECIPES_DIR
     from finegrain.train import report
-    from finegrain.train.fgvc import same_recipe_or_error
     from finegrain.train.retrieval import run_retrieval
 
     overrides = list(assignments or [])
@@ -94,20 +85,12 @@ def retrieval(
         _eval_only(recipe, weights, data, overrides)
         return
     if data is not None:
-        overrides.append(f"data.root={_quoted(data)}")
+        overrides.append(f"data.root={quoted(data)}")
     if weights is not None:
-        overrides.append(f"model.weights={_quoted(weights)}")
-    saved_path = out / "recipe.yaml" if resume and out is not None else None
-    if resume and (saved_path is None or not saved_path.is_file()):
-        raise FinegrainError("--resume needs --out pointing at a run directory with recipe.yaml. Pass --out RUN.")
-    if recipe is None and saved_path is None:
-        raise FinegrainError(f"No recipe given. Pass --recipe NAME (e.g. demo; see {RECIPES_DIR / 'retrieval'}).")
-    chosen = _load(str(saved_path) if recipe is None else recipe, overrides, loss)
-    if saved_path is not None:
-        same_recipe_or_error(_load(str(saved_path), [], None), chosen)
-    run_dir = out or Path(chosen.output.dir or Path("runs") / chosen.name)
+        overrides.append(f"model.weights={quoted(weights)}")
+    chosen, run_dir = choose_recipe(recipe, out, resume, overrides, lambda name, sets: _load(name, sets, loss))
     summary = run_retrieval(chosen, run_dir, resume=resume, progress=not quiet,
-                            echo=lambda message: console.print(message, highlight=False, markup=False))
+                            echo=echo)
     rows = {row["epoch"]: row for row in report.read_metrics(Path(run_dir))}
     best_epoch = summary["best"]["epoch"]
     columns = {"epoch 0 (not fine-tuned)": rows.get(0, {}), f"best (epoch {best_epoch})": rows.get(best_epoch, {})}

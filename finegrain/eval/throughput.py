@@ -2,9 +2,21 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
+
+
+def time_once(run: Callable[[torch.Tensor], object], x: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one call of `run(x)`, waiting for the GPU's queued work on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def measure_throughput(
@@ -24,16 +36,8 @@ def measure_throughput(
     x = torch.randn(batch_size, 3, resolution, resolution, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    timings = []
     with torch.inference_mode():
-        for step in range(warmup + iterations):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if step >= warmup:
-                timings.append(time.perf_counter() - start)
-    timings.sort()
+        for _ in range(warmup):
+            time_once(model, x, device)
+        timings = sorted(time_once(model, x, device) for _ in range(iterations))
     return batch_size / timings[len(timings) // 2]

@@ -21,9 +21,9 @@ from torch import nn
 from finegrain.errors import FinegrainError
 from finegrain.models import create_model
 from finegrain.recipes import Recipe
-from finegrain.train.checkpoint import RESUME_FILE, seed_everything
-from finegrain.train.fgvc import (ClassificationTask, fgvc_train_transform, recipe_preprocessing, resolve_data_root,
-                                  warm_start)
+from finegrain.train.checkpoint import seed_everything
+from finegrain.train.fgvc import (ClassificationTask, classification_datasets, classification_splits,
+                                  recipe_preprocessing, warm_start)
 from finegrain.train.teacher_logits import teacher_logits_for_split
 from finegrain.train.trainer import Trainer
 
@@ -75,19 +75,9 @@ def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, devi
     """Pretrain per `recipe` on data.root (train/ + val/ or test/ class folders, or one folder of
     class folders split by data.options.test_fraction) into `run_dir`; returns the trainer's
     summary (best and last rows)."""
-    from finegrain.data import ImageDataset, load_splits
-    from finegrain.data.transforms import eval_transform
-
     echo = echo or (lambda message: print(message, file=sys.stderr))
-    if not resume and (Path(run_dir) / RESUME_FILE).is_file():
-        raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out.")
     check_kd_settings(recipe)
-    root = resolve_data_root(recipe.data.root)
-    splits = load_splits(recipe.data.kind, root, **recipe.data.options)
-    train, held_out = splits["train"], splits["test"]
-    if train.classes != held_out.classes:
-        raise FinegrainError(f"The train and validation splits have different classes ({len(train.classes)} vs "
-                             f"{len(held_out.classes)}). Pretraining needs one class list; check --data.")
+    root, train, held_out = classification_splits(recipe, run_dir, resume)
     regularization = recipe.regularization
     teacher_logits = teacher = None
     if regularization.kd.logits:
@@ -98,8 +88,7 @@ def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, devi
     task = BackboneTask(train.classes, regularization.label_smoothing, regularization.kd.temperature,
                         teacher_logits, teacher)
     pre = model.preprocessing
-    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, regularization.autoaugment))
-    eval_set = ImageDataset(held_out.samples, eval_transform(pre))
+    train_set, eval_set = classification_datasets(recipe, pre, train, held_out)
     echo(f"{recipe.name}: pretraining {recipe.model.name} on {len(train)} images / {len(train.classes)} classes "
          f"(evaluated on {len(held_out)}), train {pre.train_size} px, eval {pre.resize}->{pre.crop}, "
          f"lr {recipe.effective_lr():.4g} at batch {recipe.train.batch_size}"

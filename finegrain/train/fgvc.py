@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from finegrain.data.base import Split
 from finegrain.errors import FinegrainError
 from finegrain.eval.classification import predict_logits, topk_accuracy
 from finegrain.models import create_model, load_backbone_weights
@@ -119,13 +120,11 @@ def warm_start(model: nn.Module, recipe: Recipe, echo: Callable[[str], None], re
                      echo)
 
 
-def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
-             progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Fine-tune per `recipe` into `run_dir`; returns the trainer's summary (best and last rows)."""
-    from finegrain.data import ImageDataset, load_splits
-    from finegrain.data.transforms import eval_transform
+def classification_splits(recipe: Recipe, run_dir: str | Path, resume: bool) -> tuple[Path, Split, Split]:
+    """(data root, train, test) of a classification run (fine-tuning or pretraining), refusing to
+    overwrite a run directory and splits whose class lists differ."""
+    from finegrain.data import load_splits
 
-    echo = echo or (lambda message: print(message, file=sys.stderr))
     if not resume and (Path(run_dir) / RESUME_FILE).is_file():
         raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out.")
     root = resolve_data_root(recipe.data.root)
@@ -133,7 +132,24 @@ def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: 
     train, test = splits["train"], splits["test"]
     if train.classes != test.classes:
         raise FinegrainError(f"The train and test splits have different classes ({len(train.classes)} vs "
-                             f"{len(test.classes)}). FGVC needs one class list; check --data.")
+                             f"{len(test.classes)}). Classification needs one class list; check --data.")
+    return root, train, test
+
+
+def classification_datasets(recipe: Recipe, pre: Preprocessing, train: Split, test: Split) -> tuple[Any, Any]:
+    """(train set with the recipe's augmentation, test set with the eval transform)."""
+    from finegrain.data import ImageDataset
+    from finegrain.data.transforms import eval_transform
+
+    return (ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, recipe.regularization.autoaugment)),
+            ImageDataset(test.samples, eval_transform(pre)))
+
+
+def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
+             progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune per `recipe` into `run_dir`; returns the trainer's summary (best and last rows)."""
+    echo = echo or (lambda message: print(message, file=sys.stderr))
+    root, train, test = classification_splits(recipe, run_dir, resume)
     seed_everything(recipe.train.seed)  # the new head's initialisation
     model = build_fgvc_model(recipe, len(train.classes), echo, resuming=resume)
     regularization = recipe.regularization
@@ -142,8 +158,7 @@ def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: 
         teacher, _ = teacher_logits_for_split(regularization.kd.logits, train, root)
     task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher)
     pre = model.preprocessing
-    train_set = ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, regularization.autoaugment))
-    test_set = ImageDataset(test.samples, eval_transform(pre))
+    train_set, test_set = classification_datasets(recipe, pre, train, test)
     echo(f"{recipe.name}: {len(train)} train / {len(test)} test images, {len(train.classes)} classes, "
          f"{recipe.model.name} at {pre.train_size} (eval {pre.resize}->{pre.crop}), run dir {run_dir}")
     trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
