@@ -1,9 +1,9 @@
-"""Rebuild datasets/demo from a Fruits-360 folder (documents how the shipped demo was chosen).
+"""Rebuild finegrain/data/demo from a Fruits-360 folder (documents how the shipped demo was chosen).
 
-Usage: python datasets/make_demo.py /path/to/fruits360 [--out datasets/demo]
+Usage: python datasets/make_demo.py /path/to/fruits360 [--out finegrain/data/demo]
 
 The source folder holds one sub-folder per class (the early Fruits-360 "Testing" split, see
-datasets/demo/ATTRIBUTION.md). For each of the 16 classes below, in sorted order, one
+finegrain/data/demo/ATTRIBUTION.md). For each of the 16 classes below, in sorted order, one
 random.Random(SEED) draws 34 files from the sorted file list: the first 24 drawn go to
 train/, the next 10 to test/. Files are copied byte for byte. Not run by the tests.
 """

@@ -16,29 +16,17 @@ ZEROSHOT_LAYOUT = ("ROOT/<class>/*.jpg, or ROOT/train/<class>/ and ROOT/test/<cl
 _TEST_NAMES = ("test", "val")
 
 
+# The shipped demo data (16 Fruits-360 classes, train/ and test/ class folders): package data, so
+# a wheel installed anywhere carries it.
+DEMO_ROOT: Path = Path(__file__).resolve().parent / "demo"
+
+
 def demo_root() -> Path:
-    """The shipped demo data (16 Fruits-360 classes, train/ and test/ class folders).
-
-    Looked up beside the package (`finegrain/_demo`, where a wheel would carry it) and then in
-    the source checkout (`datasets/demo`).
-    """
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "_demo", package.parent / "datasets" / "demo"):
-        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
-            return candidate
-    raise FinegrainError(
-        f"The demo data set is not installed: neither {package / '_demo'} nor {package.parent / 'datasets' / 'demo'} "
-        f"holds train/ and test/ folders. Run from a source checkout or reinstall finegrain.")
-
-
-def _default_demo_root() -> Path:
-    try:
-        return demo_root()
-    except FinegrainError:
-        return Path(__file__).resolve().parents[2] / "datasets" / "demo"
-
-
-DEMO_ROOT: Path = _default_demo_root()
+    """The shipped demo data set, or a clear error when the installation lost it."""
+    if not ((DEMO_ROOT / "train").is_dir() and (DEMO_ROOT / "test").is_dir()):
+        raise FinegrainError(f"The demo data set is not installed: {DEMO_ROOT} holds no train/ and test/ "
+                             "folders. Reinstall finegrain.")
+    return DEMO_ROOT
 
 
 def class_names(folder: Path, kind: str) -> list[str]:

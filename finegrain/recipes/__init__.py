@@ -24,7 +24,7 @@ import yaml
 
 from finegrain.errors import FinegrainError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent  # the YAML files ship inside the package
 # The schema of each recipe group (recipes/<group>/*.yaml), imported on first use; groups not
 # listed use `Recipe`.
 GROUP_SCHEMAS: dict[str, str] = {"retrieval": "finegrain.train.retrieval:RetrievalRecipe",
