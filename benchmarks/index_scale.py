@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finegrain.index.select import build_tuned_index, parse_memory, recall_at_k  # noqa: E402
+from finegrain.index.select import build_tuned_index, neighbour_recall, parse_memory  # noqa: E402
 
 K, SINGLE_QUERIES, BLOCK = 10, 100, 65536
 
@@ -89,7 +89,7 @@ def measure(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> dict:
     for row in queries[:SINGLE_QUERIES]:
         index.search(row[None], K)
     single = 1000 * (time.perf_counter() - start) / min(SINGLE_QUERIES, len(queries))
-    return {"recall@10": round(recall_at_k(ids, truth, K), 4), "ms_per_query_batched": round(batched, 4),
+    return {"recall@10": round(neighbour_recall(ids, truth, K), 4), "ms_per_query_batched": round(batched, 4),
             "ms_per_query_single": round(single, 4), "queries_per_s_batched": round(1000 / batched, 1)}
 
 

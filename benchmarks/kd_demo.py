@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from finegrain.data import demo_root
-from finegrain.recipes import load_recipe
+from finegrain.recipes import BackboneRecipe, load_recipe
 from finegrain.train import report
-from finegrain.train.backbone import BackboneRecipe, run_backbone
+from finegrain.train.backbone import run_backbone
 from finegrain.train.fgvc import run_fgvc
 from finegrain.train.pretrained import LITE0_ARCH, convert_efficientnet_lite0
 from finegrain.train.teacher_logits import write_teacher_logits

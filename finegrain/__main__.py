@@ -1,4 +1,5 @@
 """`python -m finegrain` (and `torchrun -m finegrain`) runs the CLI."""
 from finegrain.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

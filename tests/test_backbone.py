@@ -18,8 +18,8 @@ from finegrain.data import DEMO_ROOT, ImageDataset, load_splits
 from finegrain.data.transforms import eval_transform
 from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
-from finegrain.recipes import list_recipes, load_recipe
-from finegrain.train.backbone import BackboneRecipe, BackboneTask, build_backbone_model, run_backbone
+from finegrain.recipes import BackboneRecipe, list_recipes, load_recipe
+from finegrain.train.backbone import BackboneTask, build_backbone_model, run_backbone
 from finegrain.train.fgvc import build_fgvc_model, run_fgvc
 from finegrain.train.teacher_logits import teacher_logits_for_split, write_teacher_logits
 from finegrain.train.trainer import TrainBatch

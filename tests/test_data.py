@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-import scipy.stats
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -374,84 +373,37 @@ def test_unknown_autoaugment_policy() -> None:
         train_transform(IMAGENET, "svhn")
 
 
-# ---------------------------------------------------------------- mixup
-
-def test_lambdas_follow_beta_and_repeat_with_the_generator() -> None:
-    from finegrain.data.mixup import sample_lambdas
-
-    lam = sample_lambdas(4000, 0.2, torch.Generator().manual_seed(0))
-    assert lam.shape == (4000,) and lam.dtype == torch.float32
-    assert scipy.stats.kstest(lam.numpy(), scipy.stats.beta(0.2, 0.2).cdf).pvalue > 0.001
-    assert scipy.stats.kstest(lam.numpy(), scipy.stats.beta(1.0, 1.0).cdf).pvalue < 1e-6
-    again = [sample_lambdas(8, 0.2, torch.Generator().manual_seed(5)) for _ in range(2)]
-    assert torch.equal(*again)
-    with pytest.raises(FinegrainError, match="alpha must be > 0"):
-        sample_lambdas(8, 0.0, torch.Generator())
-
-
-def test_mix_batches_and_mix_with_shuffle() -> None:
-    from finegrain.data.mixup import mix_batches, mix_with_shuffle, shuffle_order
-
-    x1, x2 = torch.rand(3, 2, 4, 4), torch.rand(3, 2, 4, 4)
-    y1, y2 = torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0])
-    lam = torch.tensor([1.0, 0.25, 0.5])
-    images, targets = mix_batches(x1, y1, x2, y2, lam, num_classes=4)
-    for i in range(3):
-        assert torch.allclose(images[i], lam[i] * x1[i] + (1 - lam[i]) * x2[i])
-    assert torch.allclose(targets, torch.tensor([[1.0, 0, 0, 0], [0, 0.25, 0.75, 0], [0.5, 0, 0.5, 0]]))
-    teacher = torch.softmax(torch.randn(3, 4), dim=1)  # soft targets pass through and stay distributions
-    assert torch.allclose(mix_batches(x1, teacher, x2, teacher.flip(0), lam)[1].sum(1), torch.ones(3))
-    order = shuffle_order(3, torch.Generator().manual_seed(7))
-    images, targets = mix_with_shuffle(x1, y1, lam, torch.Generator().manual_seed(7), num_classes=4)
-    assert torch.allclose(images[1], 0.25 * x1[1] + 0.75 * x1[order[1]])
-    assert targets[1, y1[1]] >= 0.25 and torch.allclose(targets.sum(1), torch.ones(3))
-    with pytest.raises(FinegrainError, match="needs num_classes"):
-        mix_batches(x1, y1, x2, y2, lam)
-    with pytest.raises(FinegrainError, match="one lambda per sample"):
-        mix_batches(x1, y1, x2[:2], y2[:2], lam, num_classes=4)
-
-
-class _Indices(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 20
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        return index, index % 4
-
-
-def test_two_batch_loader_pairs_independent_batches_and_resumes() -> None:
-    from finegrain.data.mixup import TwoBatchLoader
-
-    loader = TwoBatchLoader(_Indices(), batch_size=4, seed=11)
-    loader.set_epoch(3)
-    pairs = [(a[0].tolist(), b[0].tolist()) for a, b in loader]
-    assert len(pairs) == len(loader) == 5
-    firsts, seconds = sum((a for a, _ in pairs), []), sum((b for _, b in pairs), [])
-    assert sorted(firsts) == sorted(seconds) == list(range(20)) and firsts != seconds
-    loader.set_epoch(3, start_batch=2)
-    resumed = TwoBatchLoader(_Indices(), batch_size=4, seed=0)
-    resumed.load_state_dict(json.loads(json.dumps(loader.state_dict())))
-    assert [(a[0].tolist(), b[0].tolist()) for a, b in resumed] == pairs[2:]
-    resumed.set_epoch(4)
-    assert [(a[0].tolist(), b[0].tolist()) for a, b in resumed] != pairs
-
-
 # ---------------------------------------------------------------- samplers
 
-def test_epoch_sampler_order_depends_only_on_seed_and_epoch() -> None:
-    from finegrain.data.samplers import EpochSampler
+def test_epoch_batches_depend_only_on_seed_and_epoch_and_replay_from_any_batch() -> None:
+    from finegrain.data.samplers import EpochBatches
 
-    a, b = EpochSampler(50, seed=1), EpochSampler(50, seed=1)
-    a.set_epoch(2)
-    b.set_epoch(2)
-    order = list(a)
-    assert order == list(b) and sorted(order) == list(range(50))
-    b.set_epoch(3)
-    assert list(b) != order
-    a.set_epoch(2, start=30)
-    restored = EpochSampler(50, seed=9)
-    restored.load_state_dict(a.state_dict())
-    assert list(restored) == order[30:] and len(restored) == 20
+    batches = EpochBatches(20, batch_size=4, seed=11)
+    batches.set_epoch(3)
+    epoch = list(batches)
+    assert len(epoch) == len(batches) == batches.steps_per_epoch == 5
+    assert sorted(sum(epoch, [])) == list(range(20))
+    again = EpochBatches(20, batch_size=4, seed=11)
+    again.set_epoch(3, skip=2)
+    assert list(again) == epoch[2:] and len(again) == 3
+    again.set_epoch(4)
+    assert list(again) != epoch
+    with pytest.raises(FinegrainError, match="Cannot resume at batch 6"):
+        again.set_epoch(3, skip=6)
+
+
+def test_paired_batches_carry_an_independent_second_order() -> None:
+    from finegrain.data.samplers import EpochBatches
+
+    single, paired = EpochBatches(20, 4, seed=11), EpochBatches(20, 4, seed=11, paired=True)
+    for sampler in (single, paired):
+        sampler.set_epoch(3)
+    pairs = list(paired)
+    assert [batch[:4] for batch in pairs] == list(single)  # the first halves are the unpaired order
+    firsts, seconds = sum((b[:4] for b in pairs), []), sum((b[4:] for b in pairs), [])
+    assert sorted(firsts) == sorted(seconds) == list(range(20)) and firsts != seconds
+    paired.set_epoch(3, skip=2)
+    assert list(paired) == pairs[2:]
 
 
 def test_m_per_class_batches_hold_m_images_per_class() -> None:

@@ -16,6 +16,7 @@ from finegrain.cli import eval as eval_cli
 from finegrain.cli import fgvc as fgvc_cli
 from finegrain.cli import recipes as recipes_cli
 from finegrain.errors import FinegrainError
+from finegrain.eval.classification import topk_accuracy
 from finegrain.train import report
 from finegrain.train.pretrained import convert_efficientnet_lite0, state_dict_by_key_order
 from test_trainer import make_tiny_folder
@@ -95,6 +96,18 @@ def test_bad_input_gets_one_clear_message(tiny_data: Path, tmp_path: Path) -> No
     finegrain.save_model(other_arch, tmp_path / "r50.safetensors")
     fails_with(run("fgvc", "--recipe", "demo", "--data", tiny_data, "--weights", tmp_path / "r50.safetensors",
                    "--out", tmp_path / "d", *TINY), "do not fit 'assemble_resnet50'")
+
+
+def test_topk_accuracy_is_an_exact_fraction() -> None:
+    """144 of 160 right is 0.9 exactly: counted in integers, divided in float64 (a float32 mean
+    reports 0.8999999761581421, below a 90% promise it meets)."""
+    labels = torch.arange(160) % 16
+    logits = torch.nn.functional.one_hot(labels, 16).float()
+    logits[:16] = torch.nn.functional.one_hot((labels[:16] + 1) % 16, 16).float()  # 16 wrong at top-1
+    logits[:8, :] += torch.nn.functional.one_hot(labels[:8], 16) * 0.5  # 8 of them right at top-2
+    accuracy = topk_accuracy(logits, labels, ks=(1, 2, 20))
+    assert accuracy == {"top1": 0.9, "top2": 152 / 160, "top20": 1.0}
+    assert all(type(value) is float for value in accuracy.values())
 
 
 def test_recipes_list_and_show() -> None:

@@ -32,7 +32,7 @@ from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
 from finegrain.index.build import add_images, build_index, describe
 from finegrain.index.search import search_index, search_vectors
-from finegrain.index.select import build_tuned_index, parse_memory, plan_index, recall_at_k
+from finegrain.index.select import build_tuned_index, neighbour_recall, parse_memory, plan_index
 from finegrain.index.store import IndexFolder, Item, verify_files, write_index_folder
 from finegrain.preprocessing import Preprocessing
 
@@ -267,7 +267,7 @@ def test_tuning_reaches_the_recall_target_on_new_queries(tuned_ivf):
     assert report.parameters.startswith("nprobe=") and int(report.parameters[7:]) < 128
     _, truth = faiss.knn(queries, base, 10, faiss.METRIC_INNER_PRODUCT)
     _, found = index.search(queries, 10)
-    assert recall_at_k(found, truth, 10) >= 0.85  # measured on queries the tuning never saw
+    assert neighbour_recall(found, truth, 10) >= 0.85  # measured on queries the tuning never saw
     assert index.ntotal == len(base)
     _, self_hits = index.search(base[:50], 1)
     assert (self_hits[:, 0] == np.arange(50)).all()  # held-out rows kept their ids
@@ -297,7 +297,7 @@ def test_when_no_setting_beats_exact_search_at_the_target_it_falls_back_to_exact
     assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == len(data)
 
 
-def test_recall_at_k_counts_shared_ids_and_never_missing_results():
+def test_neighbour_recall_counts_shared_ids_and_never_missing_results():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     found = np.array([[3, 9, 1], [-1, -1, 4]])
-    assert recall_at_k(found, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert neighbour_recall(found, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)

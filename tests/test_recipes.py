@@ -1,6 +1,9 @@
 """Recipe schema, YAML loading, --set overrides and the shipped recipes."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import yaml
 
 from finegrain.errors import FinegrainError
 from finegrain.recipes import (RECIPES_DIR, Recipe, apply_overrides, find_recipe, list_recipes, load_recipe,
-                               recipe_from_dict, recipe_to_yaml, schema_for)
+                               recipe_from_dict, recipe_to_yaml, same_recipe_or_error, schema_for)
 
 PAPER_FGVC_EPOCHS = {"food101": 100, "cars196": 1000, "flowers102": 1000, "aircraft": 800, "pets": 1300}  # Table 15
 
@@ -78,11 +81,118 @@ def test_int_widens_to_float_but_bool_is_not_a_number() -> None:
         recipe_from_dict({"optim": {"lr": True}})
 
 
-def test_values_out_of_range_are_refused() -> None:
-    with pytest.raises(FinegrainError, match="regularization.label_smoothing"):
-        recipe_from_dict({"regularization": {"label_smoothing": 1.5}})
-    with pytest.raises(FinegrainError, match="regularization.dropblock.end"):
-        recipe_from_dict({"regularization": {"dropblock": {"end": 0.0}}})
+@pytest.mark.parametrize("assignment, key", [
+    ("optim.momentum=-1", "optim.momentum"), ("optim.momentum=1", "optim.momentum"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay"), ("optim.lr=0", "optim.lr"),
+    ("optim.lr_reference_batch=0", "optim.lr_reference_batch"),
+    ("data.train_size=0", "data.train_size"), ("data.eval_resize=-96", "data.eval_resize"),
+    ("data.eval_crop=0", "data.eval_crop"), ("data.train_size=100000", "data.train_size"),
+    ("data.crop_min_area=0", "data.crop_min_area"),
+    ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
+    ("train.eval_batch_size=0", "train.eval_batch_size"), ("train.threads=0", "train.threads"),
+    ("train.workers=-1", "train.workers"), ("train.accumulate_steps=0", "train.accumulate_steps"),
+    ("train.seed=-1", "train.seed"), ("train.seed=18446744073709551616", "train.seed"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"), ("schedule.final_lr=-0.1", "schedule.final_lr"),
+    ("regularization.mixup.alpha=0", "regularization.mixup.alpha"),
+    ("regularization.label_smoothing=1.5", "regularization.label_smoothing"),
+    ("regularization.dropblock.end=0", "regularization.dropblock.end"),
+    ("regularization.dropblock.start=1.5", "regularization.dropblock.start"),
+    ("regularization.kd.temperature=0", "regularization.kd.temperature"),
+    ("model.overrides={base_width: 0}", "model.overrides.base_width"),
+    ("model.overrides={base_width: 100000}", "model.overrides.base_width"),
+    ("model.overrides={base_width: true}", "model.overrides.base_width"),
+    ("model.overrides.layers=[3, 4, 200000, 3]", "model.overrides.layers"),
+    ("model.overrides.layers=[3, 4, -6, 3]", "model.overrides.layers"),
+    ("model.overrides.layers=3", "model.overrides.layers"),
+    ("model.overrides.se_reduction=0", "model.overrides.se_reduction"),
+    ("model.overrides={1: 2}", "model.overrides"),
+])
+def test_values_out_of_range_are_refused(assignment: str, key: str) -> None:
+    with pytest.raises(FinegrainError) as error:
+        load_recipe("demo", [assignment], group="fgvc")
+    message = str(error.value)
+    assert message.startswith(f"Recipe key '{key}") and "fgvc/demo.yaml or in --set" in message
+
+
+@pytest.mark.parametrize("group, assignment, key", [
+    ("retrieval", "retrieval.embedding_size=0", "retrieval.embedding_size"),
+    ("retrieval", "retrieval.recall_ks=[1, 0]", "retrieval.recall_ks"),
+    ("retrieval", "retrieval.gem_p=0", "retrieval.gem_p"),
+    ("retrieval", "retrieval.gem_lr_mult=-1", "retrieval.gem_lr_mult"),
+    ("retrieval", "retrieval.loss.lr_mult=0", "retrieval.loss.lr_mult"),
+    ("retrieval", "retrieval.loss.args={temperature: .nan}", "retrieval.loss.args.temperature"),
+    ("retrieval", "retrieval.m_per_class=0", "retrieval.m_per_class"),
+    ("retrieval", "optim.momentum=1.5", "optim.momentum"),
+    ("backbone", "kd_required=1", "kd_required"),
+    ("backbone", "optim.lr=.nan", "optim.lr"),
+])
+def test_task_sections_are_validated_too(group: str, assignment: str, key: str) -> None:
+    with pytest.raises(FinegrainError, match=f"^Recipe key '{re.escape(key)}'"):
+        load_recipe("demo", [assignment], group=group)
+
+
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "-.inf", "1e400"])
+@pytest.mark.parametrize("key", ["optim.lr", "schedule.final_lr", "data.options.fraction"])
+def test_non_finite_numbers_are_refused_anywhere(key: str, value: str) -> None:
+    with pytest.raises(FinegrainError, match=f"Recipe key '{re.escape(key)}' must be a finite number"):
+        load_recipe("demo", [f"{key}={value}"], group="fgvc")
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads `1e-4` as a string; users write it, in files and in --set."""
+    assert load_recipe("demo", ["optim.lr=1e-4", "optim.weight_decay=5E-4"], group="fgvc").optim.lr == 1e-4
+    own = tmp_path / "mine.yaml"
+    own.write_text("optim:\n  lr: 1e-4\n  weight_decay: 5e-5\nmodel: {overrides: {gem_p: 3e0}}\n")
+    recipe = load_recipe(str(own))
+    assert (recipe.optim.lr, recipe.optim.weight_decay, recipe.model.overrides["gem_p"]) == (1e-4, 5e-5, 3.0)
+    assert load_recipe("demo", ["description=e5", "data.root=1.2.3"], group="fgvc").data.root == "1.2.3"
+    with pytest.raises(FinegrainError, match="'train.epochs' must be an integer"):
+        load_recipe("demo", ["train.epochs=1e1"], group="fgvc")
+    (tmp_path / "resolved.yaml").write_text(recipe_to_yaml(recipe))
+    assert load_recipe(str(tmp_path / "resolved.yaml")) == recipe
+
+
+NESTED = b"[" * 20_000 + b"]" * 20_000
+ALIAS_BOMB = b"".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'x'] * 9)}]\n".encode() for i in range(9))
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"- optim\n- train\n", "must be a YAML mapping of sections.*top level is a list"),
+    (b"0.01\n", "must be a YAML mapping.*top level is a number"),
+    ("description: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not UTF-8 text"),
+    (b"optim:\n  lr: \x00\n", "not valid YAML: it holds the character U\\+0000"),
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+    (b"optim: {lr: 0.1}\noptim: {lr: 0.2}\n", "key 'optim' appears twice \\(line 2"),
+    (b"!!python/object/apply:os.system [echo]\n", "not valid YAML: could not determine a constructor"),
+    (NESTED, "nests too deeply"),
+    (ALIAS_BOMB, "more than 10000 values"),
+    (b"#" * (2 << 20), "larger than 1024 KB"),
+])
+def test_files_that_are_not_recipes_fail_clearly(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(FinegrainError, match=problem) as error:
+        load_recipe(str(path))
+    assert "bad.yaml" in str(error.value)
+
+
+def test_resume_accepts_only_the_same_recipe() -> None:
+    saved = load_recipe("demo", group="fgvc")
+    same_recipe_or_error(saved, load_recipe("demo", ["train.workers=2"], group="fgvc"))
+    with pytest.raises(FinegrainError, match="started with optim.lr=0.1, now 0.2"):
+        same_recipe_or_error(saved, load_recipe("demo", ["optim.lr=0.2"], group="fgvc"))
+    with pytest.raises(FinegrainError, match="started with model.overrides="):
+        same_recipe_or_error(saved, load_recipe("demo", ["model.overrides.zero_gamma=false"], group="fgvc"))
+
+
+def test_the_recipes_package_loads_without_torch_or_the_training_code() -> None:
+    """`finegrain recipes` and every command's argument checks stay fast; the schema is one layer."""
+    code = ("import sys, finegrain.recipes; print(sorted(m for m in sys.modules "
+            "if m in ('torch', 'faiss', 'timm') or m.startswith(('finegrain.train', 'finegrain.cli'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def test_overrides_parse_values_as_yaml() -> None:

@@ -84,6 +84,34 @@ def test_matches_brute_force_with_ties_and_deep_k(batch_size):
     assert report.map_at_r == pytest.approx(expected_map, abs=1e-12)
 
 
+def test_metrics_are_exact_fractions_whatever_the_batch():
+    """80 tight pairs; 72 pairs share a label, 8 are relabelled so each item's nearest is of another
+    class: Recall@1 = MAP@R = 144/160, exactly 0.9 (a float32 mean gives 0.8999999761581421)."""
+    pairs = np.eye(80, dtype=np.float32)
+    embeddings = np.concatenate([pairs, pairs + 0.01 * np.roll(pairs, 1, axis=1)])  # item p and 80 + p pair up
+    labels = np.concatenate([np.arange(80), np.arange(80)])
+    labels[152:] = 72 + (np.arange(8) + 1) % 8  # pairs 72..79: partner of another class, classes stay of two
+
+    report = retrieval_metrics(embeddings, labels, (1, 2))
+
+    assert (report.recall[1], report.map_at_r, report.n_queries) == (0.9, 0.9, 160)
+    shuffled, clustered_labels = clustered(11, 400, 16, 60, singletons=4, duplicates=10)
+    by_batch = [retrieval_metrics(shuffled, clustered_labels, (1, 4), batch_size=size) for size in (1, 7, 4096)]
+    assert by_batch[0] == by_batch[1] == by_batch[2]  # MAP@R too, to the last bit
+    hits = brute_force_hits(shuffled, clustered_labels)
+    assert by_batch[0].recall[1] == hits / by_batch[0].n_queries
+
+
+def brute_force_hits(embeddings: np.ndarray, labels: np.ndarray) -> int:
+    """Queries (with a classmate) whose nearest other item, ties by index, is a classmate: an integer."""
+    unit = embeddings.astype(np.float64) / np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    has_classmate = np.bincount(labels)[labels] > 1
+    nearest = np.argmax(similarity, axis=1)  # the first (lowest index) of equal maxima
+    return int(np.count_nonzero((labels[nearest] == labels) & has_classmate))
+
+
 def test_distractor_identical_to_query_but_of_another_class_is_retrieved():
     """Item 1 duplicates item 0 with another label: each must retrieve the other first (a miss).
 

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 import finegrain
 from finegrain.data import DEMO_ROOT, load_splits
 from finegrain.errors import FinegrainError
-from finegrain.recipes import RECIPES_DIR, load_recipe, recipe_from_dict
+from finegrain.recipes import RECIPES_DIR, RetrievalRecipe, load_recipe, recipe_from_dict
 from finegrain.train.metric_losses import ARCFACE_MARGIN_RADIANS, arcface_arguments, create_metric_loss
 from finegrain.train.optim import build_sgd
-from finegrain.train.retrieval import MPerClassBatches, RetrievalRecipe, RetrievalTask, build_embedder
+from finegrain.train.retrieval import MPerClassBatches, RetrievalTask, build_embedder
 
 
 

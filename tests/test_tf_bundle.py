@@ -1,123 +1,30 @@
 """TensorBundle against checkpoints TensorFlow wrote (tests/fixtures/release) and against files
-crafted by a minimal writer below, which builds what TF cannot be asked for here (TF2
-object-based names, every dtype, several shards, small blocks, broken files)."""
+crafted by a minimal independent writer (tests/fuzz/tf_bundle_codec.py), which builds what TF
+cannot be asked for here (TF2 object-based names, every dtype, several shards, small blocks,
+broken files). Hostile, CRC-correct indexes are in test_tf_bundle_hostile.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
-from dataclasses import dataclass
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
-import crc32c
 import numpy as np
 import pytest
+from fuzz.tf_bundle_codec import (
+    DT_BFLOAT16, DT_STRING, TF_DTYPE_OF, RawTensor, assemble_table, encode_block, encode_table, entry_proto,
+    field_bytes, field_varint, frame, header_proto, masked, varint, wrap_blocks, write_bundle, write_table,
+)
 
 from finegrain.convert.tf_bundle import TensorBundle
 from finegrain.errors import FinegrainError
 
 RELEASE = Path(__file__).parent / "fixtures" / "release"
 FIXTURES = ["assemble_r50_w16", "assemble_r50_ir_w8", "resnet50_v1_w16"]
-
-# tensorflow/core/framework/types.proto, written out independently of the reader's table.
-TF_DTYPE_OF = {
-    "float32": 1, "float64": 2, "int32": 3, "uint8": 4, "int16": 5, "int8": 6,
-    "complex64": 8, "int64": 9, "bool": 10, "uint16": 17, "complex128": 18, "float16": 19,
-    "uint32": 22, "uint64": 23,
-}
-DT_STRING, DT_BFLOAT16 = 7, 14
-
-
-# ---------------------------------------------------------------- minimal bundle writer
-@dataclass(frozen=True)
-class RawTensor:
-    """A tensor given as TF dtype + bytes, for dtypes numpy lacks (bfloat16, string)."""
-
-    tf_dtype: int
-    shape: tuple[int, ...]
-    data: bytes
-    num_slices: int = 0
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out + bytes([value]))
-
-
-def field_varint(number: int, value: int) -> bytes:
-    return varint(number << 3) + varint(value)
-
-
-def field_bytes(number: int, value: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(value)) + value
-
-
-def masked(data: bytes) -> int:
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def encode_block(items: list[tuple[bytes, bytes]], restart_interval: int) -> bytes:
-    out, restarts, previous = bytearray(), [], b""
-    for i, (key, value) in enumerate(items):
-        shared = 0
-        if i % restart_interval == 0:
-            restarts.append(len(out))
-        else:
-            while shared < min(len(key), len(previous)) and key[shared] == previous[shared]:
-                shared += 1
-        out += varint(shared) + varint(len(key) - shared) + varint(len(value))
-        out += key[shared:] + value
-        previous = key
-    restarts = restarts or [0]
-    return bytes(out) + struct.pack(f"<{len(restarts) + 1}I", *restarts, len(restarts))
-
-
-def write_table(path: Path, items: list[tuple[bytes, bytes]], block_items: int = 7,
-                restart_interval: int = 3) -> None:
-    """LevelDB table: data blocks, metaindex, index (last key -> handle), footer + magic."""
-    out, index = bytearray(), []
-
-    def put_block(contents: bytes) -> bytes:
-        handle = varint(len(out)) + varint(len(contents))
-        out.extend(contents + b"\x00" + struct.pack("<I", masked(contents + b"\x00")))
-        return handle
-
-    for start in range(0, len(items), block_items):
-        chunk = items[start:start + block_items]
-        index.append((chunk[-1][0], put_block(encode_block(chunk, restart_interval))))
-    metaindex = put_block(encode_block([], restart_interval))
-    index_handle = put_block(encode_block(index, 1))
-    footer = (metaindex + index_handle).ljust(40, b"\x00")
-    path.write_bytes(bytes(out) + footer + struct.pack("<Q", 0xDB4775248B80FB57))
-
-
-def write_bundle(prefix: Path, tensors: dict[str, np.ndarray | RawTensor], num_shards: int = 1,
-                 endianness: int = 0) -> None:
-    """Tensors go round-robin to the shards; entries are keyed by name, header under ""."""
-    shards = [bytearray() for _ in range(num_shards)]
-    items = [(b"", field_varint(1, num_shards) + field_varint(2, endianness)
-              + field_bytes(3, field_varint(1, 1)))]
-    for i, name in enumerate(sorted(tensors, key=str.encode)):
-        tensor = tensors[name]
-        if isinstance(tensor, np.ndarray):
-            tensor = RawTensor(TF_DTYPE_OF[tensor.dtype.name], tensor.shape, tensor.tobytes())
-        shard = i % num_shards
-        dims = b"".join(field_bytes(2, field_varint(1, d)) for d in tensor.shape)
-        entry = (field_varint(1, tensor.tf_dtype) + field_bytes(2, dims)
-                 + field_varint(3, shard) + field_varint(4, len(shards[shard]))
-                 + field_varint(5, len(tensor.data))
-                 + varint(6 << 3 | 5) + struct.pack("<I", masked(tensor.data))
-                 + b"".join(field_bytes(7, b"") for _ in range(tensor.num_slices)))
-        shards[shard] += tensor.data
-        items.append((name.encode(), entry))
-    write_table(Path(f"{prefix}.index"), items)
-    for shard, data in enumerate(shards):
-        Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}").write_bytes(bytes(data))
 
 
 def copy_fixture(name: str, tmp_path: Path) -> Path:
@@ -307,3 +214,179 @@ def test_big_endian_bundle_refused(tmp_path: Path) -> None:
     write_bundle(tmp_path / "ckpt", {"v": np.ones(2, np.float32)}, endianness=1)
     with pytest.raises(FinegrainError, match=r"big-endian.*Re-save"):
         TensorBundle(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------- hostile, CRC-correct indexes
+# Each case writes PREFIX.index (valid checksums, so only the reader's own checks can stop it)
+# and an 8-byte shard, and names what the refusal must say. All are opened in one child process
+# whose address space may grow by at most BOUND_MB and each case by at most SECONDS.
+BOUND_MB, SECONDS = 512, 20
+DATA = np.arange(2, dtype=np.float32).tobytes()
+GOOD = entry_proto(1, (2,), 0, 0, 8, masked(DATA))
+
+
+def crafted(folder: Path, entries: list[tuple[bytes, bytes]], header: bytes = header_proto(),
+            index: bytes | None = None) -> Path:
+    folder.mkdir()
+    (folder / "ckpt.index").write_bytes(index if index is not None else encode_table([(b"", header), *entries]))
+    (folder / "ckpt.data-00000-of-00001").write_bytes(DATA)
+    return folder / "ckpt"
+
+
+def one_tensor(value: bytes) -> Callable[[Path], Path]:
+    return lambda folder: crafted(folder, [(b"w", value)])
+
+
+def with_header(header: bytes) -> Callable[[Path], Path]:
+    return lambda folder: crafted(folder, [(b"w", GOOD)], header)
+
+
+def many_names(count: int) -> list[tuple[bytes, bytes]]:
+    return [(f"resnet_model/layer_{i:05d}/kernel".encode(), GOOD) for i in range(count)]
+
+
+def growing_slice_keys(folder: Path) -> Path:
+    """Slice keys (skipped by the reader) that each add one byte to the previous key: 20 KB
+    of entries that prefix compression expands to 12 MB of keys, copied one by one."""
+    block = bytearray(varint(0) + varint(0) + varint(len(header_proto())) + header_proto())
+    for length in range(5000):
+        block += varint(length) + varint(1) + varint(0) + (b"a" if length else b"\x00")
+    return crafted(folder, [], index=wrap_blocks([bytes(block) + struct.pack("<2I", 0, 1)]))
+
+
+def one_block_many_handles(folder: Path) -> Path:
+    """An index block whose 2,000 handles all point at the same data block."""
+    block = encode_block([(b"", header_proto()), *many_names(50)], 1)
+    handle = varint(0) + varint(len(block))
+    return crafted(folder, [], index=assemble_table(frame(block), [(b"k%05d" % i, handle) for i in range(2000)]))
+
+
+def block_of_size(size: int) -> Callable[[Path], Path]:
+    block = encode_block([(b"", header_proto())], 1)
+    return lambda folder: crafted(folder, [], index=assemble_table(frame(block), [(b"k", varint(0) + varint(size))]))
+
+
+HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
+    # The review's case: a 40 KB index whose header asks for 2**31 - 1 shard paths.
+    "huge_shard_count": (lambda d: crafted(d, many_names(800), header_proto(2**31 - 1)),
+                         r"header names 2147483647 data shards"),
+    "negative_shard_count": (with_header(header_proto(-5)), r"header names -5 data shards"),
+    "many_shards_missing": (with_header(header_proto(99_999)), r"ckpt\.data-00000-of-99999 is missing"),
+    "int32_overflow": (with_header(field_varint(1, 1 << 40)), r"'num_shards' is 1099511627776, outside the int32"),
+    "header_wire_type": (with_header(field_bytes(1, b"\x01")), r"'num_shards' has protobuf wire type 2"),
+    "version_wire_type": (with_header(field_varint(1, 1) + field_varint(3, 1)), r"'version' has protobuf wire type 0"),
+    "endianness": (with_header(field_varint(1, 1) + field_varint(2, 7)), r"endianness 7 is neither"),
+    "newer_version": (with_header(field_varint(1, 1) + field_bytes(3, field_varint(2, 9))), r"version 9"),
+    "wire_type_group": (with_header(varint(1 << 3 | 3)), r"unsupported protobuf wire type 3"),
+    "field_number_0": (with_header(field_varint(0, 1)), r"field number 0"),
+    "negative_dimension": (one_tensor(entry_proto(1, (-1, 2), 0, 0, 8, 0)), r"'w' has shape \[-1, 2\] with a negative"),
+    "product_wraps_int64": (one_tensor(entry_proto(1, (1 << 32, 1 << 32), 0, 0, 0, 0)), r"more than 2\*\*40 elements"),
+    "empty_but_huge": (one_tensor(entry_proto(1, (0, 1 << 62, 1 << 62), 0, 0, 0, 0)), r"more than 2\*\*40 elements"),
+    "rank_33": (one_tensor(entry_proto(1, (1,) * 33, 0, 0, 4, 0)), r"33 dimensions, more than 32"),
+    "unknown_rank": (one_tensor(field_varint(1, 1) + field_bytes(2, field_varint(3, 1))), r"unknown rank"),
+    "size_not_shape": (one_tensor(entry_proto(1, (3,), 0, 0, 8, 0)), r"has 8 bytes but shape \[3\] of float32 needs 12"),
+    "offset_past_eof": (one_tensor(entry_proto(1, (2,), 0, 1 << 62, 8, 0)), r"data-00000-of-00001 is truncated"),
+    "negative_offset": (one_tensor(entry_proto(1, (2,), 0, -8, 8, 0)), r"offset -8 and size 8; neither may be negative"),
+    "shard_out_of_range": (one_tensor(entry_proto(1, (2,), 3, 0, 8, 0)), r"names shard 3 of 1"),
+    "unknown_dtype": (one_tensor(entry_proto(99, (2,), 0, 0, 8, 0)), r"'w' has unknown DataType 99"),
+    "invalid_dtype": (one_tensor(entry_proto(0, (2,), 0, 0, 8, 0)), r"unknown DataType 0"),
+    "string_bigger_than_bytes": (one_tensor(entry_proto(DT_STRING, (1000,), 0, 0, 8, 0)), r"more elements than its 8"),
+    "partitioned_huge": (one_tensor(entry_proto(1, (1 << 20,), 0, 0, 0, 0, num_slices=2)), r"partitioned tensor 'w'"),
+    "entry_wire_type": (one_tensor(field_varint(1, 1) + field_varint(6, 5)), r"'crc32c' has protobuf wire type 0"),
+    "shape_wire_type": (one_tensor(field_varint(1, 1) + field_varint(2, 5)), r"'shape' has protobuf wire type 0"),
+    "truncated_varint": (one_tensor(GOOD + b"\x80"), r"tensor 'w': truncated varint"),
+    "overlong_varint": (one_tensor(b"\x08" + b"\xff" * 10 + b"\x01"), r"varint longer than 64 bits"),
+    "length_past_message": (one_tensor(b"\x12\x7f\x00"), r"runs past its message"),
+    "name_not_utf8": (lambda d: crafted(d, [(b"\xff\xfe", GOOD)]), r"can't decode|invalid start byte"),
+    "duplicate_key": (lambda d: crafted(d, [(b"w", GOOD), (b"w", GOOD)]), r"duplicate key b'w'"),
+    "unsorted_keys": (lambda d: crafted(d, [(b"w", GOOD), (b"v", GOOD)]), r"out-of-order key b'v'"),
+    "no_header": (lambda d: crafted(d, [], index=encode_table([(b"w", GOOD)])), r"no tensor-bundle header"),
+    "absurd_block_size": (block_of_size(1 << 40), r"block of 1099511627776 bytes at byte 0 does not fit"),
+    "block_size_0": (block_of_size(0), r"block of 0 bytes"),
+    "overlapping_blocks": (one_block_many_handles, r"data block at byte 0 overlaps"),
+    "absurd_restart_count": (lambda d: crafted(d, [], index=wrap_blocks([b"\xff\xff\xff\x7f"])), r"restart points"),
+    "compressed_block": (lambda d: crafted(d, [], index=wrap_blocks([encode_block([(b"", header_proto())], 1)],
+                                                                     compression=1)), r"compressed block"),
+    "growing_slice_keys": (growing_slice_keys, r"expand to far more bytes than the file holds"),
+}
+
+CHILD = r"""
+import json, resource, signal, sys, time
+from finegrain.convert.tf_bundle import TensorBundle
+from finegrain.errors import FinegrainError
+
+def timeout(*_):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, timeout)
+vm_bytes = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize:")).split()[1]) * 1024
+limit = vm_bytes + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+results = {}
+for prefix in sys.argv[3:]:
+    start = time.monotonic()
+    signal.alarm(int(sys.argv[2]))
+    try:
+        TensorBundle(prefix).close()
+        outcome = ("opened", "")
+    except FinegrainError as error:
+        outcome = ("FinegrainError", str(error))
+    except BaseException as error:
+        outcome = (type(error).__name__, repr(error))
+    signal.alarm(0)
+    results[prefix] = [*outcome, time.monotonic() - start]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """Every HOSTILE case opened in one child process with bounded memory and time per case."""
+    root = tmp_path_factory.mktemp("hostile")
+    prefixes = {case: str(build(root / case)) for case, (build, _) in HOSTILE.items()}
+    result = subprocess.run([sys.executable, "-c", CHILD, str(BOUND_MB), str(SECONDS), *prefixes.values()],
+                            capture_output=True, text=True, timeout=SECONDS * len(HOSTILE) + 60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+    return {case: outcomes[prefix] for case, prefix in prefixes.items()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the memory bound reads /proc and sets RLIMIT_AS")
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_index_refused_in_bounded_time_and_memory(hostile_outcomes: dict[str, list], case: str) -> None:
+    kind, message, seconds = hostile_outcomes[case]
+    assert kind == "FinegrainError", f"{case}: {kind} {message} after {seconds:.1f}s"
+    assert re.search(HOSTILE[case][1], message), message
+    assert f"{case}/ckpt" in message  # names the file
+    assert re.search(r"(?i)copy|pass|re-save", message)  # and the fix
+
+
+def test_crafted_index_is_still_valid_apart_from_the_defect(tmp_path: Path) -> None:
+    """The hostile cases differ from a readable index only by their defect."""
+    prefix = crafted(tmp_path / "good", [(b"w", GOOD)])
+    with TensorBundle(prefix) as bundle:
+        np.testing.assert_array_equal(bundle.read("w"), [0, 1])
+    with TensorBundle(one_tensor(entry_proto(DT_STRING, (8,), 0, 0, 8, 0))(tmp_path / "strings")) as bundle:
+        assert bundle.shape("w") == (8,)
+
+
+def test_index_larger_than_any_real_one_is_refused_unread(tmp_path: Path) -> None:
+    with open(tmp_path / "ckpt.index", "wb") as handle:
+        handle.truncate(65 << 20)  # sparse: costs no disk
+    with pytest.raises(FinegrainError, match=r"ckpt\.index is 68157440 bytes, more than any TF checkpoint index"):
+        TensorBundle(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("state, match", [
+    (None, r"folder without a TF 'checkpoint' file.*This folder holds: model\.ckpt"),
+    (b"all_model_checkpoint_paths: \"x\"\n", r"names no checkpoint.*Pass the checkpoint prefix"),
+    (b"\xff\xfe" * 1000 + b"\nmodel_checkpoint_path: \"model.ckpt\"\n", None),
+])
+def test_checkpoint_state_file_problems(tmp_path: Path, state: bytes | None, match: str | None) -> None:
+    copy_fixture("resnet50_v1_w16", tmp_path)
+    if state is not None:
+        (tmp_path / "checkpoint").write_bytes(state)
+    if match is None:  # undecodable bytes around the one line that matters are no obstacle
+        assert len(TensorBundle(tmp_path).names()) == 271
+    else:
+        with pytest.raises(FinegrainError, match=match):
+            TensorBundle(tmp_path)

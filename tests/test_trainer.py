@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,10 +20,10 @@ from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.errors import FinegrainError
 from finegrain.eval.classification import predict_logits, topk_accuracy
 from finegrain.recipes import recipe_from_dict
-from finegrain.train import checkpoint
+from finegrain.train import resume
 from finegrain.train.fgvc import ClassificationTask, recipe_preprocessing
-from finegrain.train.losses import (ClassificationLoss, distillation_loss, mixed_one_hot, smooth_targets,
-                                    soft_cross_entropy)
+from finegrain.train.losses import ClassificationLoss, distillation_loss, smooth_targets, soft_cross_entropy
+from finegrain.train.mixup import Mixup, mixed_one_hot, sample_lambdas
 from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
                                    param_groups, warmup_cosine_factor)
 from finegrain.train.teacher import load_teacher_logits, save_teacher_logits
@@ -132,6 +134,41 @@ def test_mixup_targets_mix_one_hots_per_sample() -> None:
     assert soft_cross_entropy(logits, targets).item() == pytest.approx(sum(per_sample).item() / 2, rel=1e-6)
 
 
+def test_lambdas_follow_beta_and_repeat_with_the_step() -> None:
+    lam = sample_lambdas(4000, 0.2, np.random.default_rng(0))
+    assert lam.shape == (4000,) and lam.dtype == torch.float32
+    assert scipy.stats.kstest(lam.numpy(), scipy.stats.beta(0.2, 0.2).cdf).pvalue > 0.001
+    assert scipy.stats.kstest(lam.numpy(), scipy.stats.beta(1.0, 1.0).cdf).pvalue < 1e-6
+    with pytest.raises(FinegrainError, match="alpha must be > 0"):
+        sample_lambdas(8, 0.0, np.random.default_rng(0))
+    mixup = Mixup(2, 0.2, seed=5)
+    images, labels, indices = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    first, again, other = mixup(images, labels, indices, 7), Mixup(2, 0.2, seed=5)(images, labels, indices, 7), \
+        mixup(images, labels, indices, 8)
+    assert torch.equal(first.lam, again.lam) and torch.equal(first.partner_indices, again.partner_indices)
+    assert not torch.equal(first.lam, other.lam)
+    assert not torch.equal(first.lam, Mixup(2, 0.2, seed=5, rank=1)(images, labels, indices, 7).lam)
+
+
+@pytest.mark.parametrize("kind", [1, 2])
+def test_mixup_mixes_each_image_with_its_partner(kind: int) -> None:
+    images, labels, indices = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 2, 1, 0]), torch.arange(6) + 10
+    batch = Mixup(kind, 0.2, seed=3)(images, labels, indices, step=0)
+    size = 3 if kind == 1 else 6  # type 1: the loader sent 3 samples, then their 3 partners
+    assert batch.images.shape == (size, 3, 4, 4) and batch.lam.shape == (size,)
+    assert torch.equal(batch.labels, labels[:size]) and torch.equal(batch.indices, indices[:size])
+    partners = batch.partner_indices - 10
+    if kind == 1:
+        assert partners.tolist() == [3, 4, 5]
+    else:
+        assert sorted(partners.tolist()) == list(range(6))
+    assert torch.equal(batch.partner_labels, labels[partners])
+    for i in range(size):
+        lam = batch.lam[i]
+        assert torch.allclose(batch.images[i], lam * images[i] + (1 - lam) * images[partners[i]])
+    assert Mixup(None, 0.2, seed=3)(images, labels, indices, step=0).lam is None
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_kd_loss_is_the_papers_formula_with_mixed_teacher(temperature: float) -> None:
     student, teacher, partner = [2.0, -1.0], [1.0, 0.0], [-0.5, 1.5]
@@ -228,7 +265,7 @@ class InterruptAt(torch.utils.data.Dataset):
 def make_trainer(splits: dict, run_dir: Path, interrupt: tuple[int, BaseException] | None = None,
                  extra: dict | None = None, echo: Callable[[str], None] = lambda message: None) -> Trainer:
     recipe = recipe_from_dict({**TINY, **(extra or {})})
-    checkpoint.seed_everything(recipe.train.seed)
+    resume.seed_everything(recipe.train.seed)
     train, test = splits["train"], splits["test"]
     model = finegrain.create_model(recipe.model.name, num_classes=len(train.classes), **recipe.model.overrides)
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
@@ -250,7 +287,7 @@ def test_run_directory_contract(tiny_splits: dict, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_splits, tmp_path)
     summary = trainer.fit()
     assert {"recipe.yaml", "metrics.jsonl", "curves.png", "last.safetensors", "best.safetensors",
-            checkpoint.RESUME_FILE} <= {p.name for p in tmp_path.iterdir()}
+            resume.RESUME_FILE} <= {p.name for p in tmp_path.iterdir()}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
@@ -266,7 +303,7 @@ def test_run_directory_contract(tiny_splits: dict, tmp_path: Path) -> None:
     best = finegrain.load_model(tmp_path / "best.safetensors")
     assert int(best.metadata["finegrain.epoch"]) == summary["best"]["epoch"]
     assert summary["best"]["value"] == max(r["top1"] for r in rows)
-    state = torch.load(tmp_path / checkpoint.RESUME_FILE, weights_only=True)
+    state = torch.load(tmp_path / resume.RESUME_FILE, weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 0, 2 * 24 // 8)
     # DropBlock's keep_prob reached the recipe's end value on the last step
     keep = {m.keep_prob for m in trainer.model.modules() if type(m).__name__ == "DropBlock2d"}
@@ -291,10 +328,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_splits: dict, tmp_path:
     killed = make_trainer(tiny_splits, tmp_path / "b", extra=settings, echo=kill_at_epoch_2)
     with pytest.raises(RuntimeError, match="killed"):
         killed.fit()
-    assert torch.load(tmp_path / "b" / checkpoint.RESUME_FILE, weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / resume.RESUME_FILE, weights_only=True)["epoch"] == 1
     assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     resumed = make_trainer(tiny_splits, tmp_path / "b", extra=settings)
-    checkpoint.seed_everything(12345)  # a new process: its RNG state is whatever it is
+    resume.seed_everything(12345)  # a new process: its RNG state is whatever it is
     resumed.fit(resume=True)
     assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
     rows_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -312,7 +349,7 @@ def test_ctrl_c_saves_a_resume_state_mid_epoch(tiny_splits: dict, tmp_path: Path
                                extra={"train": {**TINY["train"], "epochs": 1}})
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    state = torch.load(tmp_path / "b" / checkpoint.RESUME_FILE, weights_only=True)
+    state = torch.load(tmp_path / "b" / resume.RESUME_FILE, weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
     resumed = make_trainer(tiny_splits, tmp_path / "b", extra={"train": {**TINY["train"], "epochs": 1}})
@@ -323,7 +360,7 @@ def test_ctrl_c_saves_a_resume_state_mid_epoch(tiny_splits: dict, tmp_path: Path
 def test_resume_refuses_a_missing_or_foreign_state(tiny_splits: dict, tmp_path: Path) -> None:
     with pytest.raises(FinegrainError, match="No resume state"):
         make_trainer(tiny_splits, tmp_path).fit(resume=True)
-    torch.save({"weights": torch.zeros(1)}, tmp_path / checkpoint.RESUME_FILE)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / resume.RESUME_FILE)
     with pytest.raises(FinegrainError, match="not a finegrain resume state"):
         make_trainer(tiny_splits, tmp_path).fit(resume=True)
 

@@ -1,4 +1,9 @@
-"""The `finegrain` command: one thin module per command group, registered here."""
+"""The `finegrain` command: one thin module per command group, registered here.
+
+Start-up stays light: the command modules import torch, faiss, timm and the like inside their
+commands, so `finegrain --help` (and a typo in an option) answers without loading them.
+tests/test_cli_startup.py keeps it so.
+"""
 from __future__ import annotations
 
 import sys
@@ -12,7 +17,9 @@ from finegrain.errors import FinegrainError
 app = typer.Typer(
     name="finegrain",
     help="Transfer learning for fine-grained classification and retrieval on the assembled CNN.",
-    rich_markup_mode="rich",
+    # Plain click help: typer 0.29's rich panels print "<bool>" after every switch (`--quiet <bool>`),
+    # as if it took a value; the plain layout shows a switch as a switch.
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )

@@ -41,9 +41,9 @@ def train(
     into the run directory; best.safetensors is the --weights of `finegrain fgvc` and
     `finegrain retrieval`. `finegrain backbone train --recipe demo` runs on the shipped demo data.
     """
-    from finegrain.recipes import load_recipe
+    from finegrain.recipes import BackboneRecipe, load_recipe
     from finegrain.train import report
-    from finegrain.train.backbone import BackboneRecipe, run_backbone
+    from finegrain.train.backbone import run_backbone
 
     overrides = list(assignments or [])
     if data is not None:

@@ -13,7 +13,9 @@ console = Console()
 
 
 def convert(
-    source: Path = typer.Argument(..., help="TF1 checkpoint prefix (model.ckpt-N), or a .pth/.safetensors state dict with --from."),
+    source: Path = typer.Argument(..., help="TF1 checkpoint: its prefix (model.ckpt-N), .index or .data-* file, "
+                                  "or the folder holding its 'checkpoint' file; or a .pth/.safetensors state "
+                                  "dict with --from."),
     arch: str = typer.Option(..., "--arch", help="The registered variant the checkpoint was made as."),
     out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
     source_kind: str = typer.Option("release", "--from", help="release (TF1 checkpoint), torchvision or timm."),
@@ -27,12 +29,13 @@ def convert(
         raise FinegrainError(f"--out {out} must end in .safetensors.")
     if source_kind == "release":
         from finegrain.convert.release import convert_release, drop_background as strip
+        from finegrain.convert.tf_bundle import resolve_prefix
 
-        model = convert_release(source, arch, use_ema=ema)
+        prefix = resolve_prefix(source)  # the folder, the prefix, its .index or a .data-* file
+        model = convert_release(prefix, arch, use_ema=ema)
         if drop_background:
             model = strip(model)
-        index = Path(f"{source}.index") if not str(source).endswith(".index") else source
-        checksum_of = index
+        source, checksum_of = prefix, Path(f"{prefix}.index")
     elif source_kind in ("torchvision", "timm"):
         from finegrain.convert.state_dict import convert_state_dict
 
@@ -40,8 +43,7 @@ def convert(
         checksum_of = source
     else:
         raise FinegrainError(f"--from {source_kind!r} is not known. Use release, torchvision or timm.")
-    save_model(model, out, {"finegrain.source": Path(source).name, "finegrain.source_kind": source_kind,
-                            "finegrain.source_sha256": sha256_file(checksum_of)})
+    save_model(model, out, source=source.name, source_kind=source_kind, source_sha256=sha256_file(checksum_of))
     params = sum(p.numel() for p in model.parameters())
     console.print(f"[green]wrote[/green] {out}: {arch} {model.overrides}, {params / 1e6:.2f}M parameters, "
                   f"preprocessing {model.preprocessing}")

@@ -7,8 +7,13 @@ from typing import Any, Optional
 
 import typer
 
-from finegrain.data import check_images, kinds, load_splits
 from finegrain.errors import FinegrainError
+
+# The kinds finegrain.data registers, spelled out so that --help need not import the readers
+# (tests/test_data.py keeps them in step with finegrain.data.kinds()); folder first, for one's own photos.
+CLASSIFICATION_KINDS = ("folder", "food101", "cars196", "flowers102", "aircraft", "pets")
+RETRIEVAL_KINDS = ("folder_zeroshot", "cub200", "cars196_retrieval", "sop")
+OWN_FOLDERS = "your own class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ and ROOT/test/<class>/)"
 
 app = typer.Typer(help="Inspect data sets before training.", no_args_is_help=True)
 
@@ -21,6 +26,8 @@ def _group() -> None:
 def data_info(kind: str, root: str | Path, check: bool = False, **opts: Any) -> dict[str, Any]:
     """Split sizes and class counts of a data set (keys train, test, classes, test_classes);
     with `check`, also the images that cannot be decoded (key bad_images)."""
+    from finegrain.data import check_images, load_splits
+
     splits = load_splits(kind, root, **opts)
     train, test = splits["train"], splits["test"]
     info: dict[str, Any] = {
@@ -34,12 +41,16 @@ def data_info(kind: str, root: str | Path, check: bool = False, **opts: Any) -> 
 
 @app.command("info")
 def info(
-    kind: Optional[str] = typer.Option(None, "--kind", help="Data set kind: " + ", ".join(kinds())),
+    kind: Optional[str] = typer.Option(None, "--kind", help=f"Data set kind: folder for {OWN_FOLDERS}; "
+                                       f"folder_zeroshot for them split by class; or a public data set as "
+                                       f"downloaded: {', '.join(CLASSIFICATION_KINDS[1:] + RETRIEVAL_KINDS[1:])}"),
     data: Path = typer.Option(..., "--data", help="The data set's folder, as downloaded (see datasets/README.md)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
     check: bool = typer.Option(False, "--check-images", help="Also decode every image and list the bad ones"),
 ) -> None:
     """Print the size of each split and the class count, or one clear error about the layout."""
+    from finegrain.data import kinds
+
     if kind is None:
         raise FinegrainError(f"Say which data set this is. Pass --kind, one of: {', '.join(kinds())}.")
     result = data_info(kind, data, check=check)

@@ -20,11 +20,14 @@ def evaluate(
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes"),
     as_json: bool = typer.Option(False, "--json", help="Print {top1, top5, images} as JSON (fractions)"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+    allow_non_finite: bool = typer.Option(False, "--allow-non-finite", help="Evaluate weights holding NaN / inf "
+                                          "anyway (to inspect a run that diverged); refused by default"),
 ) -> None:
     """Evaluate a checkpoint at the preprocessing it records (eval resize and centre crop)."""
     from finegrain.eval.classification import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(weights, data, kind, split, batch_size, workers, progress=not quiet)
+    metrics = evaluate_checkpoint(weights, data, kind, split, batch_size, workers, progress=not quiet,
+                                  allow_non_finite=allow_non_finite)
     if as_json:
         results.print_json(json.dumps(metrics))
     else:

@@ -7,15 +7,16 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from finegrain.cli.data import CLASSIFICATION_KINDS, OWN_FOLDERS
 from finegrain.cli.runs import choose_recipe, echo, quoted, results
-
-
 
 
 def fgvc(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (food101, cars196, flowers102, "
                                          "aircraft, pets, demo) or a .yaml path; with --resume the run's own "
                                          "recipe is the default"),
+    kind: Optional[str] = typer.Option(None, "--kind", help=f"Data set kind (sets data.kind): folder for {OWN_FOLDERS}; "
+                                       f"or a public data set as downloaded: {', '.join(CLASSIFICATION_KINDS[1:])}"),
     data: Optional[Path] = typer.Option(None, "--data", help="Data set folder (sets data.root)"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights to warm-start from "
                                            "(sets model.weights; our safetensors or a plain state dict)"),
@@ -27,13 +28,16 @@ def fgvc(
     """Fine-tune a backbone (paper Appendix B); top-1 / top-5 on the test split every epoch.
 
     Writes recipe.yaml, metrics.jsonl, curves.png, last/best.safetensors and the resume state
-    into the run directory. `finegrain fgvc --recipe demo` runs on the shipped demo data.
+    into the run directory. `finegrain fgvc --recipe demo` runs on the shipped demo data;
+    `--kind folder --data PHOTOS` trains any recipe on your own class folders (PHOTOS/<class>/*.jpg).
     """
     from finegrain.recipes import load_recipe
     from finegrain.train import report
     from finegrain.train.fgvc import run_fgvc
 
     overrides = list(assignments or [])
+    if kind is not None:
+        overrides.append(f"data.kind={quoted(kind)}")
     if data is not None:
         overrides.append(f"data.root={quoted(data)}")
     if weights is not None:

@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from finegrain.eval.embed import DEFAULT_SHARD_SIZE
-
 app = typer.Typer(name="index", help="Build and query a faiss search index of an image collection.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
@@ -64,14 +62,16 @@ def build(
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     workers: int = typer.Option(0, help="DataLoader worker processes for decoding."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ...; default: a GPU when present."),
-    shard_size: int = typer.Option(DEFAULT_SHARD_SIZE, help="Images per resumable embedding shard."),
+    shard_size: Optional[int] = typer.Option(None, min=1, help="Images per resumable embedding shard "
+                                             "(default: 4096, finegrain.eval.embed.DEFAULT_SHARD_SIZE)."),
 ) -> None:
     """Embed every image and write a tuned faiss index with its metadata."""
+    from finegrain.eval.embed import DEFAULT_SHARD_SIZE
     from finegrain.index.build import build_index
 
     report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
                          recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
-                         workers=workers, shard_size=shard_size)
+                         workers=workers, shard_size=shard_size or DEFAULT_SHARD_SIZE)
     if report.manifest:  # under torchrun, only rank 0 writes the index and reports it
         _summary(report, "indexed")
         console.print(f"wrote {out}")
@@ -102,18 +102,24 @@ def search(
     grid: Optional[Path] = typer.Option(None, help="Also draw queries and neighbours into this PNG."),
     weights: Optional[Path] = typer.Option(None, help="The index's weights, if moved since the build."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: a GPU when present."),
+    label: Optional[str] = typer.Option(None, help="Class of the query images, to mark right and wrong neighbours "
+                                                   "(default: known only for queries in a class folder of the index)."),
 ) -> None:
-    """Print the k nearest indexed images of each query (path, label, cosine similarity)."""
+    """Print the k nearest indexed images of each query (path, label, cosine similarity).
+
+    Exits with status 2 when no query image could be read.
+    """
     from finegrain.index.search import draw_grid, search_index
 
-    report = search_index(index, queries, k=k, weights=weights, device=device)
+    report = search_index(index, queries, k=k, weights=weights, device=device, label=label)
     if grid is not None:
         draw_grid(report, grid)
     if as_json:
         typer.echo(report.to_json())
         return
     for result in report.results:
-        table = Table(title=str(result.query), title_justify="left")
+        title = str(result.query) if result.label is None else f"{result.query} (class {result.label})"
+        table = Table(title=title, title_justify="left")
         for column in ("rank", "similarity", "label", "path"):
             table.add_column(column)
         for n in result.neighbours:

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from finegrain.errors import FinegrainError
+
 results = Console()
 
 app = typer.Typer(help="List the shipped recipes; `show NAME` prints one resolved.", invoke_without_command=True,
@@ -34,11 +36,17 @@ def show(
     name: str = typer.Argument(..., help="Recipe name (fgvc/food101, food101, ...) or a .yaml path"),
     assignments: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key: --set optim.lr=0.02"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML"),
+    group: Optional[str] = typer.Option(None, "--group", help="The command a recipe file outside the shipped ones "
+                                        "is for: fgvc, retrieval or backbone (picks its schema)"),
 ) -> None:
-    """Print one recipe with every default filled in and the overrides applied (validated)."""
-    from finegrain.recipes import load_recipe, recipe_to_dict, recipe_to_yaml
+    """Print one recipe with every default filled in and the overrides applied, validated as the
+    training command would (it refuses exactly what `finegrain fgvc --recipe NAME` refuses)."""
+    from finegrain.recipes import GROUP_SCHEMAS, load_recipe, recipe_to_dict, recipe_to_yaml
 
-    recipe = load_recipe(name, list(assignments or []))
+    groups = ["fgvc", *GROUP_SCHEMAS]
+    if group is not None and group not in groups:
+        raise FinegrainError(f"Unknown --group '{group}'. Use one of: {', '.join(groups)}.")
+    recipe = load_recipe(name, list(assignments or []), group=group)
     if as_json:
         print(json.dumps(recipe_to_dict(recipe), indent=2))
     else:

@@ -1,7 +1,6 @@
 """`finegrain retrieval`: fine-tune an embedder for zero-shot image retrieval, or evaluate one."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,8 +15,7 @@ from finegrain.errors import FinegrainError
 def _load(name: str, overrides: list[str], loss: Optional[str]) -> Any:
     """The recipe with its overrides; a --loss other than the recipe's drops the recipe's loss
     arguments (they belong to the other loss) before the user's --set apply."""
-    from finegrain.recipes import load_recipe
-    from finegrain.train.retrieval import RetrievalRecipe
+    from finegrain.recipes import RetrievalRecipe, load_recipe
 
     recipe = load_recipe(name, overrides, group="retrieval", schema=RetrievalRecipe)
     if loss is None or loss == recipe.retrieval.loss.name:
@@ -41,18 +39,18 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 
 def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str]) -> None:
-    from finegrain.models import read_weights
+    from finegrain.models import read_info
     from finegrain.train.retrieval import evaluate_checkpoint
 
     if weights is None:
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
-    _, metadata = read_weights(weights)
+    info = read_info(weights)
     beside = weights.parent / "recipe.yaml"  # the run directory's resolved recipe
-    recipe_name = recipe_name or (str(beside) if beside.is_file() else metadata.get("finegrain.recipe"))
+    recipe_name = recipe_name or (str(beside) if beside.is_file() else info.recipe)
     if recipe_name is None:
         raise FinegrainError(f"{weights} does not record its recipe. Pass --recipe NAME (its data and Recall@K).")
-    if data is None and metadata.get("finegrain.data"):
-        data = Path(json.loads(metadata["finegrain.data"])["root"])
+    if data is None and info.data is not None:
+        data = Path(info.data.root)
     recipe = _load(recipe_name, overrides + ([f"data.root={quoted(data)}"] if data else []), None)
     report = evaluate_checkpoint(weights, recipe)
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "

@@ -19,22 +19,16 @@ _PROTOCOL_KEYS = ("normalize", "severities", "frames", "seed", "data")
 
 
 def recorded_data(metadata: dict[str, str]) -> tuple[str, Path, dict[str, Any]] | None:
-    """(kind, root, options) of the data set a checkpoint was trained on, when it records one
-    under `finegrain.data`: a JSON object {"kind", "root", "options"} or a plain folder path."""
-    raw = metadata.get("finegrain.data")
-    if not raw:
-        return None
-    try:
-        entry = json.loads(raw)
-    except json.JSONDecodeError:
-        entry = raw
-    if isinstance(entry, str):
-        return "folder", Path(entry), {}
-    return str(entry.get("kind", "folder")), Path(entry["root"]), dict(entry.get("options") or {})
+    """(kind, root, options) of the data set a checkpoint records (`finegrain.data`), if any."""
+    from finegrain.models.metadata import parse_metadata
+
+    record = parse_metadata(metadata, "the weights").data
+    return None if record is None else (record.kind, Path(record.root), dict(record.options))
 
 
 def _resolve_data(weights_metadata: dict[str, str], data: Optional[Path],
                   kind: str) -> tuple[str, Path, dict[str, Any]]:
+    """--data, else the data set the weights record, else the shipped demo (saying so)."""
     from finegrain.data import demo_root
 
     if data is not None:
@@ -42,23 +36,13 @@ def _resolve_data(weights_metadata: dict[str, str], data: Optional[Path],
     recorded = recorded_data(weights_metadata)
     if recorded is not None:
         if not recorded[1].exists():
-            raise FinegrainError(f"The weights were trained on {recorded[1]}, which is not here. Pass --data DIR.")
+            raise FinegrainError(f"The weights were trained on {recorded[1]} ({recorded[0]}), which is not here. "
+                                 f"Pass --data DIR (and --kind {recorded[0]}) where that data set is.")
+        typer.echo(f"data: {recorded[1]} ({recorded[0]}), recorded in the weights", err=True)
         return recorded
+    typer.echo("The weights record no data set: evaluating on the shipped demo photos. Pass --data DIR (and --kind) "
+               "for the data set the model was trained on.", err=True)
     return "folder", demo_root(), {}
-
-
-def _check_classes(metadata: dict[str, str], classes: list[str], data_root: Path) -> None:
-    """Refuse data whose classes are not the ones the head predicts: the errors would be noise."""
-    if "finegrain.classes" in metadata:
-        trained = json.loads(metadata["finegrain.classes"])
-        if trained != classes:
-            raise FinegrainError(
-                f"The weights predict {len(trained)} classes that differ from the {len(classes)} classes of "
-                f"{data_root}. Evaluate on the data set the model was fine-tuned on.")
-    elif metadata.get("finegrain.num_classes") and int(metadata["finegrain.num_classes"]) != len(classes):
-        raise FinegrainError(
-            f"The weights predict {metadata['finegrain.num_classes']} classes but {data_root} has {len(classes)}. "
-            "Evaluate on the data set the model was trained on.")
 
 
 def robustness(
@@ -87,13 +71,13 @@ def robustness(
     """Top-1, mCE, mFR and throughput of one model, as the paper reports them (Tables 1, 7, 10)."""
     from finegrain.data import load_splits
     from finegrain.eval.robustness import evaluate_robustness
-    from finegrain.models import load_model
+    from finegrain.models import check_classes, load_model
 
     model = load_model(weights)
-    metadata = getattr(model, "metadata", {}) or {}
-    data_kind, data_root, options = _resolve_data(metadata, data, kind)
+    data_kind, data_root, options = _resolve_data(model.metadata, data, kind)
     split = load_splits(data_kind, data_root, **options)["test"]
-    _check_classes(metadata, split.classes, data_root)
+    check_classes(model.info, split.classes, f"The weights {weights}", str(data_root),
+                  "Pass --data DIR (and --kind) of the data set the model was trained on")
     mode = {"auto": "alexnet" if len(split.classes) == 1000 else None, "alexnet": "alexnet", "none": None}
     if normalize not in mode:
         raise FinegrainError(f"--normalize {normalize} is not known. Use auto, alexnet or none.")

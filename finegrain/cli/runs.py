@@ -9,6 +9,7 @@ from typing import Callable, TypeVar
 from rich.console import Console
 
 from finegrain.errors import FinegrainError
+from finegrain.recipes import same_recipe_or_error
 
 console = Console(stderr=True)  # progress and log lines
 results = Console()  # the figures, on stdout
@@ -30,8 +31,6 @@ def choose_recipe(recipe: str | None, out: Path | None, resume: bool, overrides:
 
     `load(name_or_path, overrides)` reads a recipe of the command's group and schema.
     """
-    from finegrain.train.fgvc import same_recipe_or_error
-
     saved = out / "recipe.yaml" if resume and out is not None else None
     if resume and saved is None:
         raise FinegrainError("--resume needs --out pointing at the run directory. Pass --out RUN.")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finegrain.convert.tf_bundle import TensorBundle
+from finegrain.convert.tf_bundle import TensorBundle, dtype_name
 from finegrain.errors import FinegrainError
 from finegrain.models import registry
 from finegrain.models.resnet import BigLittleStage, Bottleneck, ResNet
@@ -23,6 +23,7 @@ from finegrain.preprocessing import RELEASE, RELEASE_BL
 
 ROOT = "resnet_model"
 SKIPPED_SUFFIXES = ("/Momentum", "/ExponentialMovingAverage")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 BN_FIELDS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
@@ -132,6 +133,18 @@ def release_mapping(model: ResNet) -> Mapping:
     return mapping
 
 
+def _shape_of(bundle: TensorBundle, name: str, rank: int, arch: str) -> tuple[int, ...]:
+    """The shape of a variable the model's size is read from: the rank it must have, no empty dimension."""
+    shape = bundle.shape(name)
+    if len(shape) != rank or 0 in shape:
+        raise FinegrainError(
+            f"{name} in {bundle.prefix} has shape {list(shape)}, but the release graph of {arch!r} has a "
+            f"non-empty {rank}-D tensor there. The checkpoint is damaged or of another model; pick the --arch "
+            "it was made with, or download it again."
+        )
+    return shape
+
+
 def infer_overrides(bundle: TensorBundle, arch: str) -> tuple[int, dict]:
     """(num_classes, overrides) read off the checkpoint's shapes: width, classes, embedding."""
     spec = registry.variant(arch)
@@ -143,41 +156,62 @@ def infer_overrides(bundle: TensorBundle, arch: str) -> tuple[int, dict]:
             f"{ROOT}/dense/bias is missing (first names: {found}). Pick the --arch it was trained as "
             "(assemble_resnet50/152 for resnet_version 2, resnet50/101/152 or resnet50d for version 1)."
         )
-    stem_shape = bundle.shape(stem_name)
+    stem_shape = _shape_of(bundle, stem_name, 4, arch)
     overrides: dict = {"base_width": stem_shape[-1] * (2 if spec.config.get("stem") == "deep" else 1)}
     if spec.config.get("stem") != "biglittle":
         overrides["maxpool_padding"] = "tf_same"
     if spec.config.get("shortcut") == "avg_d":
         overrides["d_pool_at_stride1"] = True
-    if f"{ROOT}/embedding_dense/kernel" in bundle:
+    embedding = f"{ROOT}/embedding_dense/kernel"
+    if embedding in bundle:
         # The release builds its retrieval graph from the same class with these flags.
-        overrides.update(embedding_size=bundle.shape(f"{ROOT}/embedding_dense/kernel")[-1],
-                         global_pool="gem", stage4_stride=1)
-    return bundle.shape(f"{ROOT}/dense/bias")[0], overrides
+        rank = 4 if len(bundle.shape(embedding)) == 4 else 2  # a 1x1 conv kernel or a dense one
+        overrides.update(embedding_size=_shape_of(bundle, embedding, rank, arch)[-1], global_pool="gem", stage4_stride=1)
+    return _shape_of(bundle, f"{ROOT}/dense/bias", 1, arch)[0], overrides
 
 
-def check_coverage(bundle: TensorBundle, mapping: Mapping, model: nn.Module, arch: str) -> None:
-    """Every release variable maps and every parameter is set, else name what does not fit."""
+def source_names(bundle: TensorBundle, mapping: Mapping, use_ema: bool) -> dict[str, str]:
+    """torch key -> the variable its value is read from (its moving average where asked and present)."""
+    names = {}
+    for torch_key, (tf_name, _) in mapping.entries.items():
+        average = f"{tf_name}/ExponentialMovingAverage"
+        names[torch_key] = average if use_ema and average in bundle else tf_name
+    return names
+
+
+def check_coverage(bundle: TensorBundle, mapping: Mapping, model: nn.Module, arch: str,
+                   sources: dict[str, str]) -> None:
+    """Every release variable maps and every parameter is set from a float variable of its
+    shape, else name what does not fit. Works on a model on the meta device: nothing is
+    allocated on the checkpoint's word before its shapes are known to fit."""
     wanted = {tf_name for tf_name, _ in mapping.entries.values()}
     model_vars = [n for n in bundle.names() if n.startswith(f"{ROOT}/") and not n.endswith(SKIPPED_SUFFIXES)]
     unmapped = sorted(set(model_vars) - wanted)
     missing = sorted(wanted - set(bundle.names()))
-    state_keys = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    unset = sorted(state_keys - set(mapping.entries))
-    wrong_shape = []
-    for torch_key, (tf_name, transform) in mapping.entries.items():
-        if tf_name in bundle:
-            expected = tuple(model.state_dict()[torch_key].shape)
-            shape = transform(np.empty(bundle.shape(tf_name), dtype=np.float32)).shape
-            if tuple(shape) != expected:
-                wrong_shape.append(f"{tf_name} {bundle.shape(tf_name)} -> {torch_key} {expected}")
-    if unmapped or missing or unset or wrong_shape:
-        parts = []
-        for label, names in (("checkpoint variables that do not map", unmapped), ("variables the model needs but "
-                             "the checkpoint lacks", missing), ("parameters left unset", unset), ("shape mismatches",
-                             wrong_shape)):
-            if names:
-                parts.append(f"{len(names)} {label}: " + ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
+    state = model.state_dict()
+    unset = sorted({k for k in state if not k.endswith("num_batches_tracked")} - set(mapping.entries))
+    wrong_shape, wrong_dtype = [], []
+    for torch_key, (_, transform) in mapping.entries.items():
+        name = sources[torch_key]
+        if name not in bundle:
+            continue
+        entry = bundle.entry(name)
+        if entry.num_slices or dtype_name(entry.tf_dtype) not in FLOAT_DTYPES:
+            kind = f"partitioned in {entry.num_slices} slices" if entry.num_slices else dtype_name(entry.tf_dtype)
+            wrong_dtype.append(f"{name} ({kind})")
+        expected = tuple(state[torch_key].shape)
+        try:  # a zero-strided view: the transform's output shape without allocating the tensor
+            shape = transform(np.broadcast_to(np.float32(0), entry.shape)).shape
+        except ValueError:  # a reshape the shape does not allow
+            shape = None
+        if shape != expected:
+            wrong_shape.append(f"{name} {list(entry.shape)} -> {torch_key} {list(expected)}")
+    problems = [("checkpoint variables that do not map", unmapped),
+                ("variables the model needs but the checkpoint lacks", missing), ("parameters left unset", unset),
+                ("shape mismatches", wrong_shape), ("variables that are not float arrays", wrong_dtype)]
+    parts = [f"{len(names)} {label}: " + ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+             for label, names in problems if names]
+    if parts:
         raise FinegrainError(
             f"The checkpoint does not fit {arch!r}. " + "; ".join(parts) +
             ". Pick the --arch the checkpoint was made with (assemble_resnet50, assemble_resnet152, resnet50, ...)."
@@ -188,14 +222,22 @@ def convert_release(prefix: str | Path, arch: str, use_ema: bool = False) -> nn.
     """Build `arch` from a TF1 release checkpoint, streaming one tensor at a time into the model."""
     with TensorBundle(prefix) as bundle:
         num_classes, overrides = infer_overrides(bundle, arch)
+        with torch.device("meta"):  # shapes only, so a crafted width or class count costs nothing
+            skeleton = registry.build(arch, num_classes, **overrides)
+        mapping = release_mapping(skeleton)
+        sources = source_names(bundle, mapping, use_ema)
+        check_coverage(bundle, mapping, skeleton, arch, sources)
         model = registry.build(arch, num_classes, **overrides)
-        mapping = release_mapping(model)
-        check_coverage(bundle, mapping, model, arch)
         state = model.state_dict()
         with torch.no_grad():
-            for torch_key, (tf_name, transform) in mapping.entries.items():
-                source = f"{tf_name}/ExponentialMovingAverage" if use_ema and f"{tf_name}/ExponentialMovingAverage" in bundle else tf_name
-                state[torch_key].copy_(torch.from_numpy(np.ascontiguousarray(transform(bundle.read(source)))))
+            for torch_key, (_, transform) in mapping.entries.items():
+                array = bundle.read(sources[torch_key])
+                if not np.isfinite(array).all():
+                    raise FinegrainError(
+                        f"{sources[torch_key]} in {bundle.prefix} holds NaN or infinite values: the checkpoint "
+                        "is damaged or was saved after training diverged. Convert an earlier checkpoint."
+                    )
+                state[torch_key].copy_(torch.from_numpy(np.ascontiguousarray(transform(array))))
     model.preprocessing = RELEASE_BL if model.cfg.biglittle else RELEASE
     return model.eval()
 

@@ -1,6 +1,6 @@
-"""Data sets in their native layouts, decoding, the paper's transforms, Mixup and samplers.
+"""Data sets in their native layouts, decoding, the paper's transforms, samplers and loaders.
 
-`transforms`, `mixup` and `samplers` load on first use (albumentations and
+`transforms`, `samplers` and `loaders` load on first use (albumentations and
 pytorch-metric-learning take seconds to import; `finegrain data info` needs neither).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from finegrain.data.base import IMAGE_EXTENSIONS, Sample, Split, kinds, layout_o
 from finegrain.data.folder import DEMO_ROOT, demo_root
 from finegrain.data.images import BadImageWarning, ImageDataset, check_images, decode_rgb
 
-_LAZY_SUBMODULES = ("transforms", "mixup", "samplers")
+_LAZY_SUBMODULES = ("transforms", "samplers", "loaders")
 
 __all__ = [
     "BadImageWarning", "DEMO_ROOT", "IMAGE_EXTENSIONS", "ImageDataset", "Sample", "Split", "check_images",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finegrain.data.base import Split, read_lines, register, require_file, samples_from
-from finegrain.errors import FinegrainError
+from finegrain.data.base import Entry, Split, register, require_file, samples_from
+from finegrain.data.lists import Line, check_unique, key_and_rest, read_lines, relative_path
 
 LAYOUT = ("ROOT/data/images_variant_trainval.txt and ROOT/data/images_variant_test.txt (lines "
           "'image_id variant name'), ROOT/data/variants.txt, ROOT/data/images/<image_id>.jpg "
@@ -21,21 +21,20 @@ def load_aircraft(root: Path) -> dict[str, Split]:
     data = root if (root / "images_variant_trainval.txt").is_file() else root / "data"
     lists = {"train": require_file(data, "images_variant_trainval.txt", "aircraft"),
              "test": require_file(data, "images_variant_test.txt", "aircraft")}
-    rows = {split: [_parse(line, path) for line in read_lines(path)] for split, path in lists.items()}
+    entries = {split: [_entry(data, line) for line in read_lines(path)] for split, path in lists.items()}
+    check_unique(((image.stem, where) for split in entries.values() for image, _, where in split), "image id")
     variants_file = data / "variants.txt"
-    classes = (read_lines(variants_file) if variants_file.is_file()
-               else sorted({variant for entries in rows.values() for _, variant in entries}))
-    splits = {}
-    for split, path in lists.items():
-        entries = ((data / "images" / f"{image}.jpg", variant) for image, variant in rows[split])
-        splits[split] = Split(samples_from(entries, classes, path), classes)
-    return splits
+    if variants_file.is_file():
+        lines = read_lines(variants_file)
+        check_unique(((line.text, line.where) for line in lines), "variant")
+        classes = [line.text for line in lines]
+    else:
+        classes = sorted({variant for split in entries.values() for _, variant, _ in split})
+    return {split: Split(samples_from(entries[split], classes, path), classes) for split, path in lists.items()}
 
 
-def _parse(line: str, path: Path) -> tuple[str, str]:
-    """'1025794 Cessna 172' -> ('1025794', 'Cessna 172'): variant names contain spaces."""
-    image, _, variant = line.partition(" ")
-    if not variant.strip():
-        raise FinegrainError(f"Cannot read {path}: line {line!r} lacks a variant name. "
-                             f"Use the unmodified split files of fgvc-aircraft-2013b.")
-    return image, variant.strip()
+def _entry(data: Path, line: Line) -> Entry:
+    """'1025794 Cessna 172' -> (DATA/images/1025794.jpg, 'Cessna 172', where): names contain spaces."""
+    image, variant = key_and_rest(line, "'image_id variant name'")
+    relative_path(image, line.where, single_name=True)
+    return data / "images" / f"{image}.jpg", variant, line.where

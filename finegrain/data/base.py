@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from finegrain.errors import FinegrainError
 
@@ -97,6 +97,11 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
+# Who points a public data set's kind at their own class folders should learn the way to read them.
+OWN_FOLDERS_HINT = ("If it holds your own images in class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ and "
+                    "ROOT/test/<class>/), read it as data kind folder: --kind folder, or --set data.kind=folder")
+
+
 def require_file(root: Path, relative: str, kind: str) -> Path:
     """`root/relative`, or an error naming it, the expected layout and a sub-folder that has it."""
     path = root / relative
@@ -105,32 +110,12 @@ def require_file(root: Path, relative: str, kind: str) -> Path:
     children = sorted(child for child in root.iterdir() if child.is_dir()) if root.is_dir() else []
     nested = [child for child in children if (child / relative).is_file()]
     fix = (f"{nested[0] / relative} exists: pass --data {nested[0]}" if nested
-           else f"Point --data at the folder that holds {relative}")
+           else f"Point --data at the folder that holds {relative}. {OWN_FOLDERS_HINT}")
     raise FinegrainError(f"Missing {path}. The {kind} data set must be laid out as: {layout_of(kind)}. {fix}.")
 
 
-def load_mat(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The named variables of a MATLAB v5 file, squeezed, or one clear error."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise FinegrainError(f"Reading {path.name} needs scipy (it is a MATLAB file). "
-                             f"Install it: pip install scipy.") from None
-    try:
-        content = loadmat(path, squeeze_me=True)
-    except (ValueError, NotImplementedError, OSError, TypeError) as error:
-        raise FinegrainError(f"Cannot read {path} as a MATLAB file ({error}). Download it again; the data set's "
-                             f"original file is expected.") from None
-    missing = [key for key in keys if key not in content]
-    if missing:
-        raise FinegrainError(f"{path} lacks the variable(s) {', '.join(missing)}. Use the data set's original file.")
-    return content
-
-
-def read_lines(path: Path) -> list[str]:
-    """Non-empty, stripped lines of a split file, without '#' comments."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+# (image file, class name, where it is listed: "FILE, line N") as the readers parse them.
+Entry = tuple[Path, str, str]
 
 
 def require_images_exist(samples: Iterable[Sample], listed_in: Path) -> None:
@@ -143,30 +128,23 @@ def require_images_exist(samples: Iterable[Sample], listed_in: Path) -> None:
             f"Extract the data set's images next to its split files (see datasets/README.md).")
 
 
-def samples_from(entries: Iterable[tuple[Path, str]], classes: list[str], listed_in: Path) -> list[Sample]:
-    """Samples for (path, class name) pairs, labelled by position in `classes`, files checked."""
+def samples_from(entries: Iterable[Entry], classes: list[str], listed_in: Path) -> list[Sample]:
+    """Samples for parsed entries, labelled by position in `classes`, files checked to exist."""
     index = {name: i for i, name in enumerate(classes)}
     samples = []
-    for path, name in entries:
+    for path, name, where in entries:
         if name not in index:
-            raise FinegrainError(f"{listed_in} names class {name!r}, which is not among the {len(classes)} known "
-                                 f"classes. Use the split files that came with the data set.")
+            shown = ", ".join(repr(known) for known in classes[:3])
+            raise FinegrainError(f"{where}: class {name!r} is not among the {len(classes)} known classes "
+                                 f"({shown}{', ...' if len(classes) > 3 else ''}). Use the split and class files "
+                                 f"of one download of the data set.")
         samples.append(Sample(str(path), index[name]))
     require_images_exist(samples, listed_in)
     return samples
 
 
-def parse_int(text: str, path: Path, line: str) -> int:
-    """An integer field of a split file, or an error quoting the bad line."""
-    try:
-        return int(text)
-    except ValueError:
-        raise FinegrainError(f"Cannot read {path}: expected an integer in line {line!r}. "
-                             f"Use the unmodified split file from the data set.") from None
-
-
-def zero_shot(entries: list[tuple[Path, int]], class_names: dict[int, str], listed_in: Path) -> dict[str, Split]:
-    """Split (path, class id) pairs by class: the first half of the sorted ids train, the rest test.
+def zero_shot(entries: list[tuple[Path, int, str]], class_names: dict[int, str], listed_in: Path) -> dict[str, Split]:
+    """Split (path, class id, where) entries by class: the first half of the sorted ids train, the rest test.
 
     Each split gets its own class list and labels 0..k-1, so a loss over the training classes
     never sees a test class (the zero-shot protocol of CUB-200 and CARS196 retrieval).
@@ -180,9 +158,9 @@ def zero_shot(entries: list[tuple[Path, int]], class_names: dict[int, str], list
             for name, part in (("train", ids[:half]), ("test", ids[half:]))}
 
 
-def _split_by_ids(entries: list[tuple[Path, int]], class_names: dict[int, str], ids: list[int],
+def _split_by_ids(entries: list[tuple[Path, int, str]], class_names: dict[int, str], ids: list[int],
                   listed_in: Path) -> Split:
     classes = [class_names[i] for i in ids]
     wanted = set(ids)
-    chosen = ((path, class_names[class_id]) for path, class_id in entries if class_id in wanted)
+    chosen = ((path, class_names[class_id], where) for path, class_id, where in entries if class_id in wanted)
     return Split(samples_from(chosen, classes, listed_in), classes)

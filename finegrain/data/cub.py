@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finegrain.data.base import Split, parse_int, read_lines, register, require_file, zero_shot
-from finegrain.errors import FinegrainError
+from finegrain.data.base import Split, register, require_file, zero_shot
+from finegrain.data.lists import Line, check_unique, key_and_rest, positive_int, read_lines, relative_path
 
 LAYOUT = ("ROOT/images.txt ('image_id path'), ROOT/image_class_labels.txt ('image_id class_id'), "
           "ROOT/classes.txt ('class_id name'), ROOT/images/<path> (ROOT = the extracted CUB_200_2011/ folder)")
@@ -19,26 +19,32 @@ def load_cub200(root: Path) -> dict[str, Split]:
     images_path = require_file(root, "images.txt", "cub200")
     labels_path = require_file(root, "image_class_labels.txt", "cub200")
     classes_path = require_file(root, "classes.txt", "cub200")
-    paths = dict(_pairs(images_path))
-    labels = {image_id: parse_int(value, labels_path, value) for image_id, value in _pairs(labels_path)}
-    names = {parse_int(class_id, classes_path, class_id): name for class_id, name in _pairs(classes_path)}
-    unlabelled = sorted(set(paths) - set(labels))
-    unknown = sorted(set(labels.values()) - set(names))
-    if unlabelled or unknown:
-        problem = (f"image {unlabelled[0]} has no class" if unlabelled
-                   else f"class id {unknown[0]} is not in classes.txt")
-        raise FinegrainError(f"{root}: images.txt, image_class_labels.txt and classes.txt do not match ({problem}). "
-                             f"Use the files of one download.")
-    entries = [(root / "images" / path, labels[image_id]) for image_id, path in paths.items()]
-    return zero_shot(entries, names, images_path)
+    images = _by_id(images_path, "'image_id path'", "image_id")
+    labels = _by_id(labels_path, "'image_id class_id'", "image_id")
+    classes = _by_id(classes_path, "'class_id name'", "class_id")
+    check_unique(((path, line.where) for path, line in images.values()), "image")
+    check_unique(((name, line.where) for name, line in classes.values()), "class name")
+    entries = []
+    for image_id, (path, line) in images.items():
+        if image_id not in labels:
+            raise line.error(f"image {image_id} has no line in {labels_path.name}",
+                             "Use images.txt and image_class_labels.txt of one download")
+        class_text, label_line = labels[image_id]
+        class_id = positive_int(class_text, label_line, "class_id")
+        if class_id not in classes:
+            raise label_line.error(f"class {class_id} is not in {classes_path.name}",
+                                   "Use image_class_labels.txt and classes.txt of one download")
+        entries.append((root / "images" / relative_path(path, line.where), class_id, line.where))
+    return zero_shot(entries, {class_id: name for class_id, (name, _) in classes.items()}, images_path)
 
 
-def _pairs(path: Path) -> list[tuple[str, str]]:
-    """'id value' lines; values may contain spaces."""
-    pairs = []
+def _by_id(path: Path, layout: str, id_name: str) -> dict[int, tuple[str, Line]]:
+    """{id: (value, line)} of an 'id value' file (values may contain spaces); ids must be unique."""
+    rows: dict[int, tuple[str, Line]] = {}
     for line in read_lines(path):
-        key, _, value = line.partition(" ")
-        if not value.strip():
-            raise FinegrainError(f"Cannot read {path}: line {line!r} has no second field. Use the unmodified file.")
-        pairs.append((key, value.strip()))
-    return pairs
+        key, value = key_and_rest(line, layout)
+        number = positive_int(key, line, id_name)
+        if number in rows:
+            raise line.error(f"{id_name} {number} is listed again (first at line {rows[number][1].number})")
+        rows[number] = (value, line)
+    return rows

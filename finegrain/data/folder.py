@@ -103,17 +103,21 @@ def load_folder(root: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[s
 
 
 @register("folder_zeroshot", ZEROSHOT_LAYOUT)
-def load_folder_zeroshot(root: Path, test_fraction: float | None = None, seed: int = 0) -> dict[str, Split]:
+def load_folder_zeroshot(root: Path, test_fraction: float | None = None, seed: int = 0,
+                         test_classes: list[str] | None = None) -> dict[str, Split]:
     """Class folders split by class for retrieval: the first half of the sorted classes train
     (the larger half when odd), the rest test; or a seeded random `test_fraction` of the classes
-    test. With train/ and test/ folders, each class's images from both are pooled first."""
+    test; or the named `test_classes` (to pick a fine-grained test set, e.g. look-alike varieties).
+    With train/ and test/ folders, each class's images from both are pooled first."""
     folders = _train_test_folders(root)
     parents = list(folders) if folders is not None else [root]
     names = sorted({name for parent in parents for name in class_names(parent, "folder_zeroshot")})
     if len(names) < 2:
         raise FinegrainError(f"{root} has {len(names)} class folder(s); a zero-shot split needs at least 2. "
                              f"Add class folders.")
-    if test_fraction is None:
+    if test_classes is not None:
+        test_names = _named_test_classes(root, names, test_classes, test_fraction)
+    elif test_fraction is None:
         test_names = names[(len(names) + 1) // 2:]
     else:
         _check_fraction(test_fraction)
@@ -127,3 +131,24 @@ def load_folder_zeroshot(root: Path, test_fraction: float | None = None, seed: i
         return Split(samples, classes)
 
     return {"train": split(train_names), "test": split(test_names)}
+
+
+def _named_test_classes(root: Path, names: list[str], test_classes: object, test_fraction: float | None) -> list[str]:
+    """The `test_classes` option checked against the class folders of `root`: sorted, distinct,
+    existing names that leave at least one class to train on."""
+    if test_fraction is not None:
+        raise FinegrainError("Give either test_classes or test_fraction for a folder_zeroshot split, not both. "
+                             "Remove one of the two options.")
+    if (not isinstance(test_classes, (list, tuple)) or not test_classes
+            or not all(isinstance(name, str) for name in test_classes)):
+        raise FinegrainError(f"test_classes must be a non-empty list of class folder names, got {test_classes!r}. "
+                             f"Use e.g. test_classes: [{names[-1]!r}].")
+    unknown = sorted(set(test_classes) - set(names))
+    if unknown:
+        raise FinegrainError(f"test_classes names {', '.join(map(repr, unknown[:5]))}, which {root} has no class "
+                             f"folder for. Use names of its class folders, e.g. {', '.join(map(repr, names[:3]))}.")
+    chosen = sorted(set(test_classes))
+    if len(chosen) == len(names):
+        raise FinegrainError(f"test_classes holds every class of {root}, leaving none to train on. "
+                             "Keep at least one class out of test_classes.")
+    return chosen

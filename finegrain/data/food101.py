@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finegrain.data.base import Split, read_lines, register, require_file, samples_from
+from finegrain.data.base import Entry, Split, register, require_file, samples_from
+from finegrain.data.lists import Line, check_unique, read_lines, relative_path
 
 LAYOUT = ("ROOT/meta/train.txt and ROOT/meta/test.txt (lines 'class/image_id'), ROOT/meta/classes.txt, "
           "ROOT/images/<class>/<image_id>.jpg (ROOT = the extracted food-101/ folder)")
@@ -16,12 +17,22 @@ def load_food101(root: Path) -> dict[str, Split]:
     Labels follow meta/classes.txt (alphabetical), or the sorted class names when it is absent.
     """
     lists = {name: require_file(root, f"meta/{name}.txt", "food101") for name in ("train", "test")}
-    lines = {name: read_lines(path) for name, path in lists.items()}
+    entries = {name: [_entry(root, line) for line in read_lines(path)] for name, path in lists.items()}
+    check_unique(((str(image), where) for split in entries.values() for image, _, where in split), "image")
     classes_file = root / "meta" / "classes.txt"
-    classes = (read_lines(classes_file) if classes_file.is_file()
-               else sorted({line.split("/")[0] for entries in lines.values() for line in entries}))
-    splits = {}
-    for name, path in lists.items():
-        entries = ((root / "images" / f"{line}.jpg", line.split("/")[0]) for line in lines[name])
-        splits[name] = Split(samples_from(entries, classes, path), classes)
-    return splits
+    if classes_file.is_file():
+        lines = read_lines(classes_file)
+        check_unique(((line.text, line.where) for line in lines), "class")
+        classes = [line.text for line in lines]
+    else:
+        classes = sorted({name for split in entries.values() for _, name, _ in split})
+    return {name: Split(samples_from(entries[name], classes, path), classes) for name, path in lists.items()}
+
+
+def _entry(root: Path, line: Line) -> Entry:
+    """'apple_pie/1005649' -> (ROOT/images/apple_pie/1005649.jpg, 'apple_pie', where)."""
+    name, _, image = line.text.partition("/")
+    if line.text.count("/") != 1 or not name or not image or " " in line.text:
+        raise line.error("expected one 'class/image_id' entry")
+    relative_path(line.text, line.where)
+    return root / "images" / f"{line.text}.jpg", name, line.where

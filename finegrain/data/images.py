@@ -24,9 +24,91 @@ class BadImageWarning(UserWarning):
 
 
 def decode_rgb(path: str) -> np.ndarray:
-    """HxWx3 uint8 RGB array of an image file (any mode PIL reads: grey, CMYK, palette, alpha)."""
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy needs one
+    """HxWx3 uint8 RGB array of an image file (a writable copy: torch.from_numpy needs one).
+
+    Any mode PIL reads: grey, palette, alpha (dropped), CMYK, YCbCr, LAB; 16-bit and 32-bit grey
+    and float images are scaled to 8 bits from their true range (PIL's own convert clips them, so
+    a 16-bit PNG would turn white). Images over PIL's pixel limit are refused before decoding.
+    """
+    return _decode(path)
+
+
+def _decode(path: str, draft: tuple[int, int] | None = None) -> np.ndarray:
+    """`decode_rgb`, optionally at reduced scale (JPEG draft mode) for a quick full-file check."""
+    with _open_bounded(path) as image:
+        if draft is not None:
+            image.draft("RGB", draft)
+        if image.mode in _SIXTEEN_BIT or image.mode == "I":
+            grey = _integer_grey(image, path)
+        elif image.mode == "F":
+            grey = _float_grey(image, path)
+        else:
+            return np.array(image.convert("RGB"))
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _open_bounded(path: str) -> Image.Image:
+    """Image.open, refusing an image of more pixels than PIL's decompression-bomb limit before decoding it.
+
+    The limit is PIL's `Image.MAX_IMAGE_PIXELS` (about 89 million), read at each call so that a
+    user who trusts their giant images can raise it there.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    fix = ("Downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file (a small file can "
+           "decode to gigabytes)")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise FinegrainError(f"{path} is too large to decode safely ({error}). {fix}.") from None
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        image.close()
+        raise FinegrainError(f"{path} is too large to decode safely: {width}x{height} = {width * height:,} pixels, "
+                             f"more than the limit of {limit:,}. {fix}.")
+    if width < 1 or height < 1:
+        image.close()
+        raise FinegrainError(f"{path} is {width}x{height} pixels: an image needs at least one. Remove the file.")
+    return image
+
+
+def _integer_grey(image: Image.Image, path: str) -> np.ndarray:
+    """16- or 32-bit integer grey scaled to 0..255 by the sample range the file declares."""
+    values = np.asarray(image)
+    bits, signed = 16, False  # PNG and PGM decode to mode I only from 16-bit samples (PGM rescaled by PIL)
+    tags = getattr(image, "tag_v2", None)  # a TIFF declares BitsPerSample (258) and SampleFormat (339, 2 = signed)
+    if image.mode == "I" and tags is not None:
+        bits, signed = int(_first(tags.get(258, 16))), _first(tags.get(339, 1)) == 2
+        if not 1 <= bits <= 32:
+            raise FinegrainError(f"{path} declares {bits}-bit samples; grey images of 1 to 32 bits are read. "
+                                 f"Save it as an 8- or 16-bit image.")
+        if bits == 32 and not signed:
+            values = values.view(np.uint32)  # PIL holds unsigned 32-bit samples wrapped into int32
+    low = -(1 << (bits - 1)) if signed else 0
+    high = low + (1 << bits) - 1
+    if values.min() < low or values.max() > high:
+        raise FinegrainError(f"{path}: pixel values {values.min()}..{values.max()} do not fit its {bits}-bit samples. "
+                             f"Save it again as an 8- or 16-bit image.")
+    return np.rint((values.astype(np.float32) - low) * np.float32(255 / (high - low))).astype(np.uint8)
+
+
+def _float_grey(image: Image.Image, path: str) -> np.ndarray:
+    """Floating-point grey: 0..1 (the usual float convention) scaled to 0..255, or 0..255 as it is."""
+    values = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise FinegrainError(f"{path} holds NaN or infinite pixel values. Save it again as an 8- or 16-bit image.")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise FinegrainError(f"{path}: floating-point pixel values {low:g}..{high:g} are outside both 0..1 and "
+                             f"0..255, so their brightness is unknown. Save it as an 8- or 16-bit image.")
+    return np.rint(values * (255.0 if high <= 1 else 1.0)).astype(np.uint8)
+
+
+def _first(value: object) -> object:
+    """A TIFF tag's first value (per-sample tags are tuples)."""
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 class ImageDataset(Dataset):
@@ -95,11 +177,9 @@ class ImageDataset(Dataset):
 
 
 def _is_decodable(path: str) -> bool:
-    """Decode fully but at reduced scale (JPEG draft mode): truncation is still caught, 8x faster."""
+    """Decode as training would, but JPEGs at reduced scale (draft mode): truncation is still caught, 8x faster."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))
-            image.load()
+        _decode(path, draft=(64, 64))
         return True
     except Exception:  # noqa: BLE001 - any decoder failure means "bad image"
         return False

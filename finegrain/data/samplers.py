@@ -1,12 +1,20 @@
-"""Samplers whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+"""Batch samplers whose batches depend only on (seed, epoch), so a resumed run sees the same
+batches: the training batches, their per-process share under torchrun, and m-per-class batches
+for pair-based retrieval losses.
+
+A training batch sampler has the interface the trainer drives: `steps_per_epoch`,
+`set_epoch(epoch, skip)` (replay epoch `epoch` from batch `skip`), `seed`, `epoch`, `skip`,
+`paired` and `state_dict()`.
+"""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from finegrain.data.base import Split
+from finegrain.distributed import DistInfo, rank_slice
 from finegrain.errors import FinegrainError
 
 
@@ -18,59 +26,64 @@ def epoch_permutation(n: int, seed: int, epoch: int, stream: int = 0) -> np.ndar
     return np.random.default_rng([seed, stream, epoch]).permutation(n)
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles range(n) anew each epoch; `set_epoch(e, start)` replays epoch e from position `start`.
+class EpochBatches(Sampler[list[int]]):
+    """Full batches (the last partial one dropped) of a seeded per-epoch order.
 
-    Unlike RandomSampler, the order is not drawn from a global RNG, so resuming needs only the
-    epoch and the number of samples already consumed.
+    `paired` (Mixup type 1): each batch holds batch_size indices of the epoch's order followed
+    by batch_size of an independent second order, the partners, so one worker pool decodes both.
     """
 
-    def __init__(self, n: int, seed: int, stream: int = 0) -> None:
-        self.n, self.seed, self.stream = n, seed, stream
-        self.epoch, self.start = 0, 0
+    def __init__(self, num_samples: int, batch_size: int, seed: int, paired: bool = False) -> None:
+        if batch_size > num_samples:
+            raise FinegrainError(f"The batch size {batch_size} exceeds the {num_samples} training images. "
+                                 "Lower train.batch_size (e.g. --set train.batch_size=32).")
+        self.num_samples, self.batch_size, self.seed, self.paired = num_samples, batch_size, seed, paired
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if not 0 <= start <= self.n:
-            raise FinegrainError(f"Cannot resume at sample {start} of an epoch of {self.n}. Use 0..{self.n}.")
-        self.epoch, self.start = epoch, start
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.n, self.seed, self.epoch, self.stream)[self.start:].tolist())
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip <= self.steps_per_epoch:
+            raise FinegrainError(f"Cannot resume at batch {skip}: an epoch has {self.steps_per_epoch}. "
+                                 f"Use 0..{self.steps_per_epoch}.")
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n - self.start
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "stream": self.stream, "epoch": self.epoch, "start": self.start}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.stream = int(state["seed"]), int(state["stream"])
-        self.set_epoch(int(state["epoch"]), int(state["start"]))
-
-
-class PairedBatchSampler(Sampler[list[int]]):
-    """Each item: batch_size indices of one epoch order followed by batch_size of an independent one."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        if batch_size > n:
-            raise FinegrainError(f"Batch size {batch_size} exceeds the {n} training images. Lower the batch size.")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.n // self.batch_size:
-            raise FinegrainError(f"Cannot resume at batch {start_batch}: an epoch has {self.n // self.batch_size}. "
-                                 f"Use 0..{self.n // self.batch_size}.")
-        self.epoch, self.start_batch = epoch, start_batch
+        return self.steps_per_epoch - self.skip
 
     def __iter__(self) -> Iterator[list[int]]:
-        first, second = (epoch_permutation(self.n, self.seed, self.epoch, stream) for stream in (0, 1))
-        for batch in range(self.start_batch, self.n // self.batch_size):
+        orders = [epoch_permutation(self.num_samples, self.seed, self.epoch, stream)
+                  for stream in range(2 if self.paired else 1)]
+        for batch in range(self.skip, self.steps_per_epoch):
             rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-            yield first[rows].tolist() + second[rows].tolist()
+            yield [index for order in orders for index in order[rows].tolist()]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "skip": self.skip}
+
+
+class RankBatches(Sampler[list[Any]]):
+    """This process's share of every global batch under torchrun: the global batches depend only
+    on (seed, epoch), so every world size sees the same ones (and can resume another's run).
+    Paired batches (Mixup type 1) are split half by half."""
+
+    def __init__(self, batches: Sampler[Sequence[Any]], dist_info: DistInfo, paired: bool) -> None:
+        self.batches, self.dist, self.paired = batches, dist_info, paired
 
     def __len__(self) -> int:
-        return self.n // self.batch_size - self.start_batch
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        rank, world = self.dist.rank, self.dist.world_size
+        for batch in self.batches:
+            batch = list(batch)
+            if self.paired:
+                half = len(batch) // 2
+                yield rank_slice(batch[:half], rank, world) + rank_slice(batch[half:], rank, world)
+            else:
+                yield rank_slice(batch, rank, world)
 
 
 class MPerClassBatchSampler(Sampler[list[int]]):

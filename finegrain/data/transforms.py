@@ -29,8 +29,9 @@ class ImageTransform:
 
     albumentations keeps its own random state, which every DataLoader worker would inherit
     identically (same crops in every worker). A random transform therefore reseeds it from
-    torch's RNG on each call: DataLoader seeds that per worker and per epoch, and a run that
-    restores torch's RNG state repeats its augmentations.
+    torch's RNG on each call, as AutoAugment draws from it: the training loader seeds that RNG
+    per sample from the sample's place in the run (finegrain.data.loaders), so a resumed run
+    repeats every augmentation.
     """
 
     def __init__(self, geometry: list[A.BasicTransform], pre: Preprocessing,

@@ -1,7 +1,6 @@
 """Classification evaluation: logits over a loader, top-k accuracy as fractions in [0, 1]."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -48,7 +47,8 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     """Fraction of rows whose label is among the k highest logits, for each k.
 
     logits [N, C], labels [N]. Keys "top1", "top5", ...; a k above C counts every row as a hit
-    (there are only C candidates). Ties follow torch.topk's order.
+    (there are only C candidates). Ties follow torch.topk's order. Hits are counted as integers
+    and divided in float64, so 144/160 is exactly 0.9 (a float32 mean gives 0.8999999761...).
     """
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise FinegrainError(f"topk_accuracy needs logits [N, C] and labels [N], got {tuple(logits.shape)} "
@@ -58,37 +58,31 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     max_k = min(max(ks), logits.shape[1])
     top = logits.topk(max_k, dim=1).indices  # [N, max_k]
     hits = top.eq(labels.view(-1, 1).to(top.device))  # [N, max_k]
-    return {f"top{k}": hits[:, :min(k, max_k)].any(dim=1).float().mean().item() for k in ks}
+    rows = labels.shape[0]
+    return {f"top{k}": int(hits[:, :min(k, max_k)].any(dim=1).sum()) / rows for k in ks}
 
 
 def evaluate_checkpoint(weights: str | Path, data: str | Path, kind: str = "folder", split: str = "test",
                         batch_size: int = 64, workers: int = 2, device: torch.device | None = None,
-                        progress: bool = True) -> dict[str, float]:
+                        progress: bool = True, allow_non_finite: bool = False) -> dict[str, float]:
     """Top-1 / top-5 of one of our classifier checkpoints on a data set split, at the eval
     preprocessing the checkpoint records. The checkpoint's class names (written by
-    `finegrain fgvc`) must be the data set's, in the same order."""
+    `finegrain fgvc`) must be the data set's, in the same order. Weights with NaN / inf are
+    refused unless `allow_non_finite` (to inspect a run that diverged)."""
     from finegrain.data import ImageDataset, load_splits
     from finegrain.data.transforms import eval_transform
-    from finegrain.models import load_model
+    from finegrain.models import check_classes, load_model
     from finegrain.runtime import default_device
-    from finegrain.train.loader import eval_loader
+    from finegrain.data.loaders import eval_loader
 
     device = device or default_device()
-    model = load_model(weights).to(device)
+    model = load_model(weights, allow_non_finite=allow_non_finite).to(device)
     splits = load_splits(kind, data)
     if split not in splits:
         raise FinegrainError(f"The {kind} data set has no split {split!r}. Use one of: {', '.join(splits)}.")
     chosen = splits[split]
-    recorded = json.loads(model.metadata.get("finegrain.classes", "null"))
-    if recorded is not None and recorded != chosen.classes:
-        differing = sorted(set(recorded) ^ set(chosen.classes))
-        detail = f"e.g. {differing[0]!r} is in only one of them" if differing else "the same names in another order"
-        raise FinegrainError(f"{weights} was trained on {len(recorded)} classes, {data} has {len(chosen.classes)} "
-                             f"({detail}). Evaluate it on the data set it was fine-tuned on.")
-    num_outputs = int(model.metadata.get("finegrain.num_classes", len(chosen.classes)))
-    if recorded is None and num_outputs != len(chosen.classes):
-        raise FinegrainError(f"{weights} predicts {num_outputs} classes, {data} has {len(chosen.classes)}. "
-                             "Fine-tune it on this data set first (`finegrain fgvc`).")
+    check_classes(model.info, chosen.classes, str(weights), str(data),
+                  "Evaluate it on the data set it was fine-tuned on, or fine-tune it on this one (`finegrain fgvc`)")
     loader = eval_loader(ImageDataset(chosen.samples, eval_transform(model.preprocessing)), batch_size, workers,
                          device.type == "cuda")
     logits, labels = predict_logits(model, loader, device, progress=progress)

@@ -10,10 +10,14 @@ pytorch-metric-learning and OML in docs/retrieval-metrics.md):
 - queries whose class has no other member are left out of every mean and counted;
 - Recall@K: the fraction of queries with at least one same-class item among their K nearest;
 - MAP@R (Musgrave et al., 2020): R = number of other items of the query's class,
-  AP@R = (1/R) * sum_{i<=R} precision@i * rel(i), averaged over queries.
+  AP@R = (1/R) * sum_{i<=R} precision@i * rel(i), averaged over queries;
+- exact fractions: Recall@K counts hits as integers and divides once in float64 (144/160 is
+  exactly 0.9); MAP@R averages the per-query float64 AP@R with an exactly rounded sum: the
+  metrics add no float32 rounding of their own, and the batch size does not change them.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -98,8 +102,8 @@ def retrieval_metrics(
     search = _searcher(gallery, depth + 2, device)
     rows = min(batch_size, max(1, _BATCH_WORKSPACE_BYTES // (_BYTES_PER_CANDIDATE * (depth + 2))))
 
-    hits = dict.fromkeys(ks, 0)
-    ap_sum = 0.0
+    hits = dict.fromkeys(ks, 0)  # integer counts: Recall@K = hits / queries, one float64 division
+    average_precisions: list[np.ndarray] = []  # float64, one per query
     ranks = np.arange(1, max_r + 1)
     batch_starts = range(0, len(scored_ids), rows)
     for start in tqdm(batch_starts, desc="retrieval search", unit="batch", leave=False, disable=None):
@@ -112,12 +116,13 @@ def retrieval_metrics(
         r = positives[query_ids]
         top_r = relevant[:, :max_r] & (ranks <= r[:, None])
         precision = np.cumsum(top_r, axis=1) / ranks
-        ap_sum += float(((precision * top_r).sum(axis=1) / r).sum())
+        average_precisions.append((precision * top_r).sum(axis=1) / r)
 
     n_queries = len(scored_ids)
     return RetrievalReport(
         recall={k: hits[k] / n_queries for k in ks},
-        map_at_r=ap_sum / n_queries,
+        # fsum: the exactly rounded sum, so the mean does not depend on the batch size
+        map_at_r=math.fsum(np.concatenate(average_precisions).tolist()) / n_queries,
         n_queries=n_queries,
         n_excluded_singletons=num_items - n_queries,
     )

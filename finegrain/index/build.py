@@ -124,6 +124,8 @@ def build_index(images: str | Path, out: str | Path, *, weights: str | Path, ind
     """
     if not 0.0 < recall_target <= 1.0:
         raise FinegrainError(f"--recall-target {recall_target} is not in (0, 1]. Use e.g. 0.95.")
+    if recall_k < 1:
+        raise FinegrainError(f"--recall-k {recall_k} must be at least 1. Use e.g. 10.")
     out, root = Path(out), Path(images)
     if out.exists() and not (out / "manifest.json").is_file():
         raise FinegrainError(f"{out} exists and is not a finegrain index. Choose a new --out folder.")

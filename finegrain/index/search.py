@@ -17,8 +17,11 @@ from finegrain.errors import FinegrainError
 from finegrain.eval.embed import embed_paths, embedding_mode
 from finegrain.fileio import atomic_path
 from finegrain.index.build import index_model, list_images
+from finegrain.index.manifest import rebuild_hint
 from finegrain.index.store import IndexFolder
 from finegrain.preprocessing import Preprocessing
+
+CORRECT, WRONG, NEUTRAL = (20, 140, 20), (200, 30, 30), (60, 60, 60)  # grid caption colours
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,11 @@ class Neighbour:
 
 @dataclass
 class QueryResult:
+    """A query's neighbours; `label` is its class where known (see `query_labels`), else None."""
+
     query: str
     neighbours: list[Neighbour]
+    label: str | None = None
 
 
 @dataclass
@@ -74,7 +80,14 @@ def search_vectors(folder: IndexFolder, vectors: np.ndarray, k: int) -> tuple[np
         raise FinegrainError(f"Query embeddings are {vectors.shape[-1]}-d, the index holds {folder.dim}-d vectors. "
                              "Embed the queries with the index's own model.")
     k = min(k, folder.count)
-    _, ids = folder.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    try:
+        _, ids = folder.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    except (RuntimeError, MemoryError) as error:
+        raise FinegrainError(f"faiss failed to search {folder.root / 'index.faiss'} ({str(error).strip()[-200:]}). "
+                             f"{rebuild_hint(folder.root)}") from None
+    if ((ids < -1) | (ids >= folder.count)).any():
+        raise FinegrainError(f"{folder.root / 'index.faiss'} returned vector ids outside 0..{folder.count - 1}: it "
+                             f"does not belong to this folder's items. {rebuild_hint(folder.root)}")
     valid = ids >= 0
     candidates = np.asarray(folder.embeddings[np.where(valid, ids, 0).ravel()]).reshape(*ids.shape, folder.dim)
     similarity = np.where(valid, np.einsum("qkd,qd->qk", candidates, vectors), -np.inf)
@@ -82,10 +95,33 @@ def search_vectors(folder: IndexFolder, vectors: np.ndarray, k: int) -> tuple[np
     return np.take_along_axis(ids, order, 1), np.take_along_axis(similarity, order, 1)
 
 
+def query_labels(folder: IndexFolder, queries: Sequence[str], label: str | None = None) -> list[str | None]:
+    """The class of each query where it is known, else None (a query's folder is not always its class).
+
+    Known: given as `label`; or the query lies under a folder the index was built from, where
+    its class is its parent folder as for the indexed images; or its parent folder's name is one
+    of the indexed classes. A photo in ~/Downloads is not of class "Downloads".
+    """
+    if label is not None:
+        return [label] * len(queries)
+    roots = [Path(source) for source in folder.manifest["build"]["sources"]]
+    classes: set[str] | None = None
+    labels: list[str | None] = []
+    for query in map(Path, queries):
+        parent = query.resolve().parent
+        root = next((root for root in roots if parent == root or root in parent.parents), None)
+        if root is not None:
+            labels.append(parent.name if parent != root else None)
+            continue
+        classes = folder.labels() if classes is None else classes
+        labels.append(parent.name if parent.name in classes else None)
+    return labels
+
+
 def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int = 10,
                  weights: str | Path | None = None, device: str | None = None, batch_size: int = 64,
-                 progress: bool = False) -> SearchReport:
-    """The k nearest indexed images of each query image (files or folders)."""
+                 progress: bool = False, label: str | None = None) -> SearchReport:
+    """The k nearest indexed images of each query image (files or folders); `label`: the queries' class."""
     if k < 1:
         raise FinegrainError(f"--k {k} must be at least 1.")
     paths = expand_queries(queries)
@@ -96,14 +132,20 @@ def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int
                                  "Use the weights the index was built with.")
         pre = Preprocessing.from_json(json.dumps(folder.manifest["model"]["preprocessing"]))
         embedded = embed_paths(model, paths, pre, batch_size=batch_size, device=device, progress=progress)
+        if not embedded.ok_paths:
+            shown = "; ".join(f"{path}: {reason}" for path, reason in embedded.failed[:3])
+            more = f" (and {len(embedded.failed) - 3} more)" if len(embedded.failed) > 3 else ""
+            raise FinegrainError(f"None of the {len(paths)} query images could be read: {shown}{more}. "
+                                 "Pass readable image files (JPEG, PNG, ...).")
+        ids, similarity = search_vectors(folder, embedded.embeddings, k)
         results = []
-        if embedded.ok_paths:
-            ids, similarity = search_vectors(folder, embedded.embeddings, k)
-            for query, row_ids, row_sims in zip(embedded.ok_paths, ids, similarity):
-                valid = row_ids >= 0
-                items = folder.items(row_ids[valid])
-                results.append(QueryResult(query, [Neighbour(rank + 1, item.id, item.path, item.label, float(sim))
-                                                   for rank, (item, sim) in enumerate(zip(items, row_sims[valid]))]))
+        labels = query_labels(folder, embedded.ok_paths, label)
+        for query, query_label, row_ids, row_sims in zip(embedded.ok_paths, labels, ids, similarity):
+            valid = row_ids >= 0
+            items = folder.items(row_ids[valid])
+            results.append(QueryResult(query, [Neighbour(rank + 1, item.id, item.path, item.label, float(sim))
+                                               for rank, (item, sim) in enumerate(zip(items, row_sims[valid]))],
+                                       query_label))
         return SearchReport(str(Path(index_dir)), k, results, embedded.failed)
 
 
@@ -117,7 +159,8 @@ def _thumbnail(path: str, size: int) -> Image.Image:
 
 def draw_grid(report: SearchReport, out: str | Path, thumb: int = 112) -> Path:
     """One row per query: the query (blue frame), then its neighbours with label and similarity
-    (green caption when the label matches the query's folder name, red otherwise)."""
+    (green caption when the label matches the query's known class, red when not, grey when the
+    query's class is unknown)."""
     if not report.results:
         raise FinegrainError("No query could be embedded, so there is nothing to draw. Check the query images.")
     columns, caption, pad = 1 + max(len(r.neighbours) for r in report.results), 28, 6
@@ -126,14 +169,14 @@ def draw_grid(report: SearchReport, out: str | Path, thumb: int = 112) -> Path:
     draw = ImageDraw.Draw(sheet)
     for row, result in enumerate(report.results):
         y = pad + row * cell_h
-        query_label = Path(result.query).parent.name
         sheet.paste(_thumbnail(result.query, thumb), (pad, y))
         draw.rectangle([pad - 3, y - 3, pad + thumb + 2, y + thumb + 2], outline=(40, 90, 220), width=3)
-        draw.text((pad, y + thumb + 2), _fit(f"query: {query_label}", thumb), fill=(40, 90, 220))
+        caption = "query" if result.label is None else f"query: {result.label}"
+        draw.text((pad, y + thumb + 2), _fit(caption, thumb), fill=(40, 90, 220))
         for column, neighbour in enumerate(result.neighbours, start=1):
             x = pad + column * cell_w
             sheet.paste(_thumbnail(neighbour.path, thumb), (x, y))
-            colour = (20, 140, 20) if neighbour.label == query_label else (200, 30, 30)
+            colour = NEUTRAL if result.label is None else CORRECT if neighbour.label == result.label else WRONG
             draw.text((x, y + thumb + 2), _fit(str(neighbour.label), thumb), fill=colour)
             draw.text((x, y + thumb + 14), f"{neighbour.similarity:.3f}", fill=(60, 60, 60))
     with atomic_path(out) as tmp:

@@ -116,8 +116,11 @@ def _gib(size: float) -> str:
     return f"{size / (1 << 30):.2f} GiB"
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean fraction of the exact top-k ids that the approximate top-k contains.
+def neighbour_recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k ids that the approximate top-k contains (ANN vs exact).
+
+    Not the class Recall@K of `finegrain.eval.retrieval.recall_at_k`, which asks whether a
+    neighbour shares the query's label.
 
     found, exact: [Q, >=k] int64 ids (-1 = no result, never counted as a hit).
     """
@@ -227,7 +230,7 @@ def build_tuned_index(vectors: np.ndarray, *, index_key: str | None = None, max_
         if name:
             _set_parameter(index, name, value)
         ids, latency = _timed_search(index, queries, k)
-        point = OperatingPoint(f"{name}={value}" if name else "", recall_at_k(ids, exact_ids, k), latency)
+        point = OperatingPoint(f"{name}={value}" if name else "", neighbour_recall(ids, exact_ids, k), latency)
         points.append(point)
         if point.recall >= recall_target and point.latency_ms < exact_ms:
             chosen = point

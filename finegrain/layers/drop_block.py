@@ -2,6 +2,8 @@
 
 keep_prob is not a constructor constant: the trainer decays it linearly over training
 (1.0 -> 0.9 for backbones, 0.9 -> 0.7 for FGVC), calling `set_drop_block_keep_prob` each step.
+The masks draw from torch's RNG, which the trainer seeds per step from the step's place in the
+run, so a resumed run drops the same blocks.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ def drop_block(
     block_size: int = 7,
     gamma_scale: float = 1.0,
     batch_shared: bool = True,
-    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Zero random blocks of `x` [B, C, H, W] and rescale so the expected sum is unchanged.
 
@@ -31,7 +32,7 @@ def drop_block(
     valid_h, valid_w = height - bs + 1, width - bs + 1
     gamma = gamma_scale * (1.0 - keep_prob) * height * width / (bs * bs * valid_h * valid_w)
     seed_shape = (1 if batch_shared else x.shape[0], channels, valid_h, valid_w)
-    seeds = (torch.rand(seed_shape, generator=generator, device=x.device) < gamma).to(x.dtype)
+    seeds = (torch.rand(seed_shape, device=x.device) < gamma).to(x.dtype)
     left = bs // 2
     seeds = F.pad(seeds, (left, bs - 1 - left, left, bs - 1 - left))
     block_mask = 1.0 - F.max_pool2d(seeds, bs, stride=1, padding=bs // 2)

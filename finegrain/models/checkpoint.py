@@ -1,37 +1,85 @@
-"""Weights files: our safetensors checkpoints (metadata rebuilds the model) and plain state
-dicts of torchvision / timm, which load by name because our modules use their names."""
+"""Weights files: our safetensors checkpoints and plain state dicts of torchvision / timm (which
+load by name because our modules use their names), read bounded and checked, written atomically.
+
+Reading never trusts the file: a safetensors header is validated (models/metadata.py) before a
+tensor is loaded, and every floating tensor must be finite unless the caller opts out to inspect
+a damaged or diverged file.
+"""
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from finegrain import __version__
 from finegrain.errors import FinegrainError
 from finegrain.fileio import atomic_path
-from finegrain.models import registry
-from finegrain.preprocessing import Preprocessing
+from finegrain.models.metadata import FIX, CheckpointInfo, SafetensorsHeader, parse_metadata, read_header, to_metadata
 
-META_ARCH = "finegrain.arch"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_OTHER_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                 torch.bool: "BOOL"}
+Shapes = Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, safetensors dtype, or "float")
+NON_FINITE_FIX = ("Use an earlier checkpoint of the run, or re-create the file; to inspect it anyway, pass "
+                  "allow_non_finite=True (--allow-non-finite).")
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, metadata) of a safetensors file or a torch file loaded with weights_only."""
+def check_finite(state: Mapping[str, torch.Tensor], path: str | Path, fix: str = NON_FINITE_FIX) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they predict nothing."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FinegrainError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or inf); the run that "
+                                 f"made it diverged or the file is damaged. {fix}")
+
+
+def read_tensors(header: SafetensorsHeader, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a file whose header was read (and checked) already."""
+    try:
+        with safe_open(str(header.path), framework="pt") as handle:
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # the file changed since its header was read, or a dtype torch lacks
+        raise FinegrainError(f"{header.path}: its tensors cannot be read ({str(error)[:200]}). {FIX}") from None
+    if not allow_non_finite:
+        check_finite(state, header.path)
+    return state
+
+
+@dataclass
+class WeightsFile:
+    """A weights file opened for checking: its entries' shapes and its metadata are known before
+    its tensors are loaded (safetensors), so a model can be compared with it first."""
+
+    path: Path
+    shapes: dict[str, tuple[tuple[int, ...], str]]
+    info: CheckpointInfo
+    metadata: dict[str, str]
+    header: SafetensorsHeader | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # a torch file is loaded whole to be read
+
+    def tensors(self, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
+        if self.header is not None:
+            return read_tensors(self.header, allow_non_finite)
+        if not allow_non_finite:
+            check_finite(self.state, self.path)
+        return self.state
+
+
+def open_weights(path: str | Path) -> WeightsFile:
+    """A safetensors file (header bounded, metadata validated, nothing loaded) or a torch file
+    (loaded with weights_only: never unpickles objects)."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        return WeightsFile(path, header_shapes(header), parse_metadata(header.metadata, path), header.metadata, header)
     if not path.is_file():
         raise FinegrainError(f"Weights file {path} does not exist. Pass the path of a .safetensors or .pth file.")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
-        except Exception as error:  # safetensors raises its own error types for damaged files
-            raise FinegrainError(f"{path} is not a readable safetensors file ({error}). Re-create or re-download it.") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -44,168 +92,98 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise FinegrainError(f"{path} does not hold a state dict of tensors. Save model.state_dict() instead.")
-    return {key.removeprefix("module."): value for key, value in loaded.items()}, {}
+    state = {str(key).removeprefix("module."): value for key, value in loaded.items()}
+    return WeightsFile(path, state_shapes(state), CheckpointInfo(), {}, state=state)
 
 
-def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> list[str]:
-    """Human-readable differences between a model's parameters and a state dict."""
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    given = {k: v for k, v in state.items() if not k.startswith(skip)}
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in given]
-    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in given.items() if k not in own]
-    problems += [
-        f"shape {k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items() if k in given and given[k].shape != v.shape
-    ]
+def read_weights(path: str | Path, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a safetensors file (metadata validated) or a tensors-only torch
+    file; floating tensors must be finite unless `allow_non_finite`."""
+    weights = open_weights(path)
+    return weights.tensors(allow_non_finite), weights.metadata
+
+
+# ----------------------------------------------------------------------------- fitting weights
+def model_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each state-dict entry's shape and dtype class ("float", or the safetensors integer name)."""
+    return {name: (tuple(value.shape), "float" if value.is_floating_point() else _OTHER_DTYPES.get(value.dtype, "?"))
+            for name, value in model.state_dict().items()}
+
+
+def header_shapes(header: SafetensorsHeader) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {name: (entry.shape, "float" if entry.dtype in FLOAT_DTYPES else entry.dtype)
+            for name, entry in header.tensors.items()}
+
+
+def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {name: (tuple(value.shape), "float" if value.is_floating_point() else _OTHER_DTYPES.get(value.dtype, "?"))
+            for name, value in state.items()}
+
+
+def describe_mismatch(own: Shapes, given: Shapes, skip: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between a model's entries and a file's (shapes and dtype class)."""
+    own = {k: v for k, v in own.items() if not k.startswith(skip)}
+    given = {k: v for k, v in given.items() if not k.startswith(skip)}
+    problems = [f"missing {k} {v[0]}" for k, v in own.items() if k not in given]
+    problems += [f"unexpected {k[:100]} {v[0]}" for k, v in given.items() if k not in own]
+    problems += [f"shape {k}: file {given[k][0]} vs model {v[0]}" for k, v in own.items()
+                 if k in given and given[k][0] != v[0]]
+    problems += [f"dtype {k}: file {given[k][1]} vs model {v[1]}" for k, v in own.items()
+                 if k in given and given[k][0] == v[0] and given[k][1] != v[1]]
     return problems
 
 
-def mismatch_error(path: str | Path, arch: str, problems: list[str]) -> FinegrainError:
+def mismatch_error(path: str | Path, arch: str, problems: list[str], fix: str | None = None) -> FinegrainError:
     shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
     return FinegrainError(
         f"Weights {path} do not fit {arch!r} ({len(problems)} differences: {shown}). "
-        "Pick the --arch/model the file was made for, or pass the matching overrides (base_width, num_classes)."
+        + (fix or "Use weights made for this model, or pass the overrides it was made with (base_width, num_classes).")
     )
 
 
 def load_exact(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    problems = describe_mismatch(model, state)
+    problems = describe_mismatch(model_shapes(model), state_shapes(state))
     if problems:
         raise mismatch_error(path, getattr(model, "arch", type(model).__name__), problems)
     model.load_state_dict(state)
 
 
-def model_metadata(model: nn.Module, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The metadata that lets `load_model` rebuild `model` from the file alone."""
-    cfg = getattr(model, "cfg", None)
-    num_classes = getattr(cfg, "num_classes", None)
+# ----------------------------------------------------------------------------------- writing
+def model_info(model: nn.Module, **fields: Any) -> CheckpointInfo:
+    """What lets `load_model` rebuild `model` from the file alone, plus the caller's `fields`
+    (classes, data, task, epoch, ...: see CheckpointInfo)."""
+    from finegrain import __version__
+
+    num_classes = getattr(getattr(model, "cfg", None), "num_classes", None)
     if num_classes is None:
         num_classes = getattr(model, "num_classes", 0)
-    metadata = {
-        "format": "pt",
-        META_ARCH: model.arch,
-        "finegrain.num_classes": str(num_classes),
-        "finegrain.overrides": json.dumps(model.overrides, sort_keys=True),
-        "finegrain.preprocessing": model.preprocessing.to_json(),
-        "finegrain.version": __version__,
-    }
-    metadata.update(extra or {})
-    return metadata
+    return CheckpointInfo(architecture=model.arch, num_classes=int(num_classes),
+                          overrides=json.loads(json.dumps(model.overrides)), preprocessing=model.preprocessing,
+                          version=__version__, extra={"format": "pt"}, **fields)
 
 
-def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write weights + rebuild metadata as safetensors, atomically (temp name, then rename)."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically, readable like any other file the user creates
+    (safetensors itself creates it 0600; under the usual umask this gives 0644)."""
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=model_metadata(model, extra_metadata))
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
     return Path(path)
 
 
-def build_any(arch: str, num_classes: int, overrides: dict[str, Any]) -> nn.Module:
-    """A registered variant, or `timm/NAME` built by timm with random weights (never downloaded)."""
-    if not arch.startswith("timm/"):
-        return registry.build(arch, num_classes, **overrides)
-    import timm
-
-    try:
-        model = timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, **overrides)
-    except RuntimeError as error:
-        raise FinegrainError(f"timm has no model {arch[5:]!r} ({error}). See timm.list_models().") from None
-    cfg = model.pretrained_cfg
-    size = int(cfg.get("input_size", (3, 224, 224))[-1])
-    model.arch, model.overrides = arch, dict(overrides)
-    model.preprocessing = Preprocessing(
-        mean=tuple(255 * m for m in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(255 * s for s in cfg.get("std", (0.229, 0.224, 0.225))),
-        train_size=size, resize=round(size / cfg.get("crop_pct", 0.875)), crop=size,
-    )
-    return model
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
-def load_model(path: str | Path, **runtime_overrides: Any) -> nn.Module:
-    """Rebuild a model from one of our checkpoints alone (architecture, head, preprocessing)."""
-    state, metadata = read_weights(path)
-    if META_ARCH not in metadata:
-        raise FinegrainError(
-            f"{path} has no finegrain metadata (a plain state dict?). Use create_model(NAME, weights=...) "
-            "or convert it first with `finegrain convert --from torchvision|timm`."
-        )
-    overrides = {**json.loads(metadata["finegrain.overrides"]), **runtime_overrides}
-    model = build_any(metadata[META_ARCH], int(metadata["finegrain.num_classes"]), overrides)
-    load_exact(model, state, path)
-    model.preprocessing = Preprocessing.from_json(metadata["finegrain.preprocessing"])
-    model.metadata = metadata
-    return model
-
-
-def create_model(name: str, num_classes: int = 1000, weights: str | Path | None = None, **overrides: Any) -> nn.Module:
-    """Build a named model; `weights` (a local file, never a download) must fit it exactly.
-
-    Accepts our safetensors checkpoints (their preprocessing is adopted) and plain state dicts of
-    torchvision's resnet50/101/152 and timm's resnet50d, whose names our modules share.
-    """
-    model = build_any(name, num_classes, overrides)
-    if weights is not None:
-        state, metadata = read_weights(weights)
-        load_exact(model, state, weights)
-        if "finegrain.preprocessing" in metadata:
-            model.preprocessing = Preprocessing.from_json(metadata["finegrain.preprocessing"])
-        model.metadata = metadata
-    return model
-
-
-def create_embedder(
-    name: str,
-    embedding_size: int = 1536,
-    num_classes: int = 0,
-    weights: str | Path | None = None,
-    gem_p: float = 3.0,
-    learnable_p: bool = False,
-    **overrides: Any,
-) -> nn.Module:
-    """A retrieval network: stride-free Stage 4, GeM, 1x1 embedding + BN, L2-normalised output.
-
-    `weights` may be a backbone (classifier) checkpoint, whose head is then left at random, or an
-    embedder checkpoint of the same shape, loaded whole.
-    """
-    if variant_family(name) != "resnet":
-        raise FinegrainError(f"Embedders are built on ResNet-family backbones; {name!r} is not one.")
-    overrides = {"global_pool": "gem", "stage4_stride": 1, "embedding_size": embedding_size,
-                 "gem_p": gem_p, "gem_learnable": learnable_p, **overrides}
-    model = build_any(name, num_classes, overrides)
-    if weights is not None:
-        state, metadata = read_weights(weights)
-        if describe_mismatch(model, state):
-            load_backbone_weights(model, weights)
-        else:
-            model.load_state_dict(state)
-            if "finegrain.preprocessing" in metadata:
-                model.preprocessing = Preprocessing.from_json(metadata["finegrain.preprocessing"])
-    return model
-
-
-def variant_family(name: str) -> str:
-    return "timm" if name.startswith("timm/") else registry.variant(name).family
-
-
-def load_backbone_weights(model: nn.Module, path: str | Path, reset_bn_stats: bool = False) -> dict[str, int]:
-    """Warm start: copy every weight but the classifier and embedding, which must all fit.
-
-    reset_bn_stats zeroes the BN running means and sets variances to 1, as the release's
-    fine-tuning does (its BN statistics are re-estimated with the BN momentum rule).
-    """
-    state, metadata = read_weights(path)
-    skip = model.classifier_prefixes() if hasattr(model, "classifier_prefixes") else ("fc.", "classifier.", "head.")
-    problems = [p for p in describe_mismatch(model, state, skip) if not p.startswith("unexpected")]
-    if problems:
-        raise mismatch_error(path, getattr(model, "arch", type(model).__name__), problems)
-    own = model.state_dict()
-    backbone = {k: v for k, v in state.items() if not k.startswith(skip) and k in own}
-    model.load_state_dict(backbone, strict=False)
-    if reset_bn_stats:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                module.reset_running_stats()
-    if "finegrain.preprocessing" in metadata:
-        model.preprocessing = Preprocessing.from_json(metadata["finegrain.preprocessing"])
-    return {"loaded": len(backbone), "skipped": len(state) - len(backbone)}
+def save_model(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None,
+               **fields: Any) -> Path:
+    """Write weights + the metadata that rebuilds the model; `fields` are CheckpointInfo fields
+    (classes=..., epoch=...), `extra_metadata` raw keys. What `load_model` would refuse (a bad
+    value, a non-finite weight) is refused here, before anything is written."""
+    metadata = {**to_metadata(model_info(model, **fields)), **(extra_metadata or {})}
+    parse_metadata(metadata, path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    check_finite(state, path, "Not written: lower the learning rate or check the data, and train again.")
+    return write_safetensors(state, path, metadata)

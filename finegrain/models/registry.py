@@ -1,13 +1,17 @@
-"""Named variants as data, and `create_model` / `create_embedder` that build them.
+"""Named variants as data, the bounds of every config field, and `build` (random weights).
 
 Each variant is a family plus the config fields that differ from that family's defaults, the
 preprocessing its weights expect by default, and the resolution the paper evaluates it at.
+`check_overrides` is the one validation of user- or file-given overrides (recipes, checkpoint
+metadata); the factories that load weights live in models/factory.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -85,23 +89,142 @@ def variant(name: str) -> Variant:
         ) from None
 
 
-def build_config(name: str, num_classes: int, overrides: dict[str, Any]) -> Any:
-    """The variant's config with `num_classes` and user overrides, each override checked by name."""
+# ------------------------------------------------------------------------------- bounds
+# Far beyond any real network, yet small enough that no value builds a model for minutes or
+# allocates without limit (ResNet-152 has 36 blocks in a stage; 64 is the standard width).
+MAX_BLOCKS_PER_STAGE = 100
+MAX_WIDTH = 1024
+MAX_CLASSES = 1_000_000
+TIMM_NAME = re.compile(r"timm/[A-Za-z0-9_.\-]{1,100}")
+Check = Callable[[Any], bool]
+
+
+def _int(low: int, high: int) -> tuple[Check, str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high), f"an integer in [{low}, {high}]"
+
+
+def _float(low: float, high: float) -> tuple[Check, str]:
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and low <= v <= high), f"a number in [{low}, {high}]"
+
+
+def _optional(rule: tuple[Check, str]) -> tuple[Check, str]:
+    return (lambda v: v is None or rule[0](v)), f"{rule[1]}, or null"
+
+
+def _one_of(*values: Any) -> tuple[Check, str]:
+    return (lambda v: any(v is c or (type(v) is type(c) and v == c) for c in values)), \
+        "one of " + ", ".join("null" if c is None else repr(c) for c in values)
+
+
+def _ints(length: int, low: int, high: int, exact: bool = True) -> tuple[Check, str]:
+    item = _int(low, high)[0]
+    return (lambda v: isinstance(v, (list, tuple)) and (len(v) == length if exact else len(v) <= length)
+            and all(item(x) for x in v)), \
+        f"a list of {'' if exact else 'at most '}{length} integers in [{low}, {high}]"
+
+
+def _floats(length: int, low: float, high: float) -> tuple[Check, str]:
+    item = _float(low, high)[0]
+    return (lambda v: isinstance(v, (list, tuple)) and len(v) == length and all(item(x) for x in v)), \
+        f"a list of {length} numbers in [{low}, {high}]"
+
+
+BOOL: tuple[Check, str] = (lambda v: isinstance(v, bool), "true or false")
+FIELD_RULES: dict[str, dict[str, tuple[Check, str]]] = {
+    "resnet": {
+        "layers": _ints(4, 1, MAX_BLOCKS_PER_STAGE), "base_width": _int(2, MAX_WIDTH),
+        "stem": _one_of("plain", "deep", "biglittle"), "maxpool_padding": _one_of("torch", "tf_same"),
+        "shortcut": _one_of("conv", "avg_d", "biglittle"), "d_pool_at_stride1": BOOL,
+        "biglittle": _optional(_ints(2, 1, 8)), "sk": _one_of(None, "doubled", "original"),
+        "sk_reduction": _int(1, MAX_WIDTH), "sk_min_hidden": _int(1, MAX_WIDTH),
+        "se_reduction": _optional(_int(1, MAX_WIDTH)), "aa_filter": _int(0, 7), "aa_on_conv": BOOL,
+        "aa_on_projection": BOOL, "aa_on_maxpool": BOOL, "drop_block_stages": _ints(4, 1, 4, exact=False),
+        "drop_block_size": _int(1, 64), "drop_block_gamma_scales": _floats(4, 0.0, 10.0), "zero_gamma": BOOL,
+        "stage4_stride": _one_of(1, 2), "global_pool": _one_of("avg", "gem"), "gem_p": _float(0.1, 100.0),
+        "gem_learnable": BOOL, "embedding_size": _int(0, 65536),
+    },
+    "mobilenet": {
+        "base_width": _int(1, 256), "se_reduction": _optional(_int(1, MAX_WIDTH)), "drop_block": BOOL,
+        "drop_block_size": _int(1, 64),
+    },
+    # timm builds its own models; only regularisation knobs that do not change a tensor's shape.
+    "timm": {"drop_rate": _float(0.0, 0.99), "drop_path_rate": _float(0.0, 0.99)},
+}
+
+
+def family_of(name: str) -> str:
+    """"timm" for timm/NAME, else the registered variant's family (an unknown name is refused)."""
+    if name.startswith("timm/"):
+        if not TIMM_NAME.fullmatch(name):
+            raise FinegrainError(f"{name!r} is not a timm model name. Write timm/NAME, e.g. timm/resnet50d.")
+        return "timm"
+    return variant(name).family
+
+
+def check_overrides(name: str, overrides: Mapping[str, Any], num_classes: int | None = None) -> dict[str, Any]:
+    """The overrides of model `name`, each key known to its family and each value of the right type
+    and within bounds (refused naming the key and its valid range); lists become tuples.
+
+    Recipes call this before a run starts; checkpoint metadata passes through it before any model is
+    built from it, so `layers: [3, 4, 200000, 3]` or `base_width: 0` never reach a constructor.
+    """
+    family = family_of(name)
+    rules = FIELD_RULES[family]
+    if not isinstance(overrides, Mapping):
+        raise FinegrainError(f"The overrides of {name!r} must be a mapping of names to values, got "
+                             f"{type(overrides).__name__}.")
+    if "num_classes" in overrides:
+        raise FinegrainError("num_classes is not an override: it comes from the data set (or the num_classes "
+                             "argument). Remove it from the overrides.")
+    if num_classes is not None and not _int(0, MAX_CLASSES)[0](num_classes):
+        raise FinegrainError(f"num_classes must be an integer in [0, {MAX_CLASSES}], got {num_classes!r}.")
+    unknown = sorted(str(key) for key in overrides if key not in rules)
+    if unknown:
+        raise FinegrainError(f"Unknown override(s) {unknown} for {name!r}. Valid overrides: {', '.join(sorted(rules))}.")
+    for key, value in overrides.items():
+        check, expected = rules[key]
+        if not check(value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise FinegrainError(f"Override {key} of {name!r} must be {expected}, got {shown}.")
+    checked = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
+    if family == "resnet":
+        _check_resnet_combination(name, checked)
+    return checked
+
+
+def _check_resnet_combination(name: str, overrides: dict[str, Any]) -> None:
+    """Combinations the fields' own bounds allow but the network cannot be built with."""
+    values = {**variant(name).config, **overrides}
+    if values.get("stem") != "biglittle" and not values.get("biglittle"):
+        return
+    layers, alpha, width = values.get("layers", (3, 4, 6, 3)), (values.get("biglittle") or (2, 4))[0], \
+        values.get("base_width", 64)
+    if values.get("biglittle") and min(layers[:3]) < 2:
+        raise FinegrainError(f"BigLittle stages need at least 2 blocks each; {name!r} got layers {list(layers)}. "
+                             "Use layers of 2 or more in stages 1-3.")
+    if width < alpha:
+        raise FinegrainError(f"base_width {width} of {name!r} is narrower than its BigLittle alpha {alpha}. "
+                             f"Use a base_width of {alpha} or more.")
+
+
+def build_config(name: str, num_classes: int, overrides: Mapping[str, Any]) -> Any:
+    """The variant's config with `num_classes` and user overrides, each override checked."""
     spec = variant(name)
     config_cls = FAMILIES[spec.family][1]
-    valid = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise FinegrainError(f"Unknown override(s) {unknown} for {name!r}. Valid overrides: {', '.join(sorted(valid))}.")
-    values = {**spec.config, **overrides, "num_classes": num_classes}
-    values = {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
+    values = {**spec.config, **check_overrides(name, overrides, num_classes), "num_classes": num_classes}
     return config_cls(**values)
 
 
 def build(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """Build a registered variant with random weights and attach its identity and preprocessing."""
     spec = variant(name)
-    model = FAMILIES[spec.family][0](build_config(name, num_classes, overrides))
+    config = build_config(name, num_classes, overrides)
+    try:
+        model = FAMILIES[spec.family][0](config)
+    except (ValueError, RuntimeError, ZeroDivisionError) as error:  # a combination the bounds let through
+        raise FinegrainError(f"{name!r} cannot be built with overrides {overrides} ({error}). "
+                             "Change the overrides.") from None
     model.arch = name
     model.overrides = dict(overrides)
     model.preprocessing = spec.preprocessing

@@ -314,6 +314,10 @@ class ResNet(nn.Module):
         return F.normalize(self.forward_head(self.forward_features(x), pre_logits=True), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits; a retrieval network (an embedding and no classifier) gives its L2-normalised
+        embedding, so `create_embedder(...)(x)` is what retrieval compares."""
+        if self.embedding is not None and self.cfg.num_classes == 0:
+            return self.forward_embedding(x)
         return self.forward_head(self.forward_features(x))
 
     def classifier_prefixes(self) -> tuple[str, ...]:

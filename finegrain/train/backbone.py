@@ -11,7 +11,6 @@ trainer's run directory and exact resume. Only the model (no warm start needed),
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,21 +18,14 @@ import torch
 from torch import nn
 
 from finegrain.errors import FinegrainError
-from finegrain.models import create_model
+from finegrain.models import CheckpointInfo, DataRecord, create_model
+from finegrain.models.metadata import TEACHER, to_metadata
 from finegrain.recipes import Recipe
-from finegrain.train.checkpoint import seed_everything
+from finegrain.train.resume import seed_everything
 from finegrain.train.fgvc import (ClassificationTask, classification_datasets, classification_splits,
-                                  recipe_preprocessing, warm_start)
+                                  recipe_data_record, recipe_preprocessing, warm_start)
 from finegrain.train.teacher_logits import teacher_logits_for_split
 from finegrain.train.trainer import Trainer
-
-
-@dataclass
-class BackboneRecipe(Recipe):
-    """The common recipe plus `kd_required`: the paper's KD experiments (E7, E11, E12, M5, M8)
-    refuse to start without teacher logits instead of silently training another experiment."""
-
-    kd_required: bool = False
 
 
 class BackboneTask(ClassificationTask):
@@ -41,23 +33,20 @@ class BackboneTask(ClassificationTask):
     teacher (if any) distilled into them."""
 
     def __init__(self, classes: list[str], label_smoothing: float, temperature: float,
-                 teacher_logits: torch.Tensor | None, teacher: str | None) -> None:
-        super().__init__(classes, label_smoothing, temperature, teacher_logits)
+                 teacher_logits: torch.Tensor | None, teacher: str | None, data: DataRecord | None = None) -> None:
+        super().__init__(classes, label_smoothing, temperature, teacher_logits, data)
         self.teacher = teacher
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        extra = {"finegrain.task": "backbone"}
-        if self.teacher is not None:
-            extra["finegrain.kd_teacher"] = self.teacher
-        return {**super().checkpoint_metadata(), **extra}
+        return {**super().checkpoint_metadata(), **to_metadata(CheckpointInfo(task="backbone", kd_teacher=self.teacher))}
 
 
 def build_backbone_model(recipe: Recipe, num_classes: int, echo: Callable[[str], None],
                          resuming: bool = False) -> nn.Module:
     """The recipe's network from random initialisation (zero-gamma where the family has it), or
     warm-started from model.weights (e.g. continuing on a domain corpus after ImageNet)."""
-    model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
-    warm_start(model, recipe, echo, resuming, without_weights=None)
+    model = warm_start(lambda name, overrides: create_model(name, num_classes=num_classes, **overrides), recipe,
+                       echo, resuming, without_weights=None)
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
     return model
 
@@ -82,11 +71,11 @@ def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, devi
     teacher_logits = teacher = None
     if regularization.kd.logits:
         teacher_logits, metadata = teacher_logits_for_split(regularization.kd.logits, train, root)
-        teacher = metadata.get("finegrain.teacher")
+        teacher = metadata.get(TEACHER)
     seed_everything(recipe.train.seed)  # the random initialisation
     model = build_backbone_model(recipe, len(train.classes), echo, resuming=resume)
     task = BackboneTask(train.classes, regularization.label_smoothing, regularization.kd.temperature,
-                        teacher_logits, teacher)
+                        teacher_logits, teacher, recipe_data_record(recipe))
     pre = model.preprocessing
     train_set, eval_set = classification_datasets(recipe, pre, train, held_out)
     echo(f"{recipe.name}: pretraining {recipe.model.name} on {len(train)} images / {len(train.classes)} classes "

@@ -6,7 +6,6 @@ backbone), the classification task, and hands them to the core trainer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,10 +17,12 @@ from torch.utils.data import DataLoader
 from finegrain.data.base import Split
 from finegrain.errors import FinegrainError
 from finegrain.eval.classification import predict_logits, topk_accuracy
-from finegrain.models import create_model, load_backbone_weights
+from finegrain.models import CheckpointInfo, DataRecord, create_model, load_backbone_weights
+from finegrain.models.factory import warm_start_architecture
+from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
-from finegrain.recipes import Recipe, recipe_to_dict
-from finegrain.train.checkpoint import RESUME_FILE, seed_everything
+from finegrain.recipes import Recipe
+from finegrain.train.resume import RESUME_FILE, seed_everything
 from finegrain.train.losses import ClassificationLoss
 from finegrain.train.teacher_logits import teacher_logits_for_split
 from finegrain.train.trainer import Task, TrainBatch, Trainer
@@ -35,8 +36,9 @@ class ClassificationTask(Task):
     best_metric = "top1"
 
     def __init__(self, classes: list[str], label_smoothing: float = 0.0, temperature: float = 1.0,
-                 teacher_logits: Tensor | None = None) -> None:
+                 teacher_logits: Tensor | None = None, data: DataRecord | None = None) -> None:
         self.classes = classes
+        self.data = data  # recorded in the checkpoints, so `finegrain robustness` finds the data again
         self.criterion = ClassificationLoss(len(classes), label_smoothing, temperature)
         self.teacher_logits = teacher_logits  # [N_train, C] on the CPU, rows in dataset order
 
@@ -56,7 +58,7 @@ class ClassificationTask(Task):
         return topk_accuracy(logits, labels, ks=(1, 5))
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        return {"finegrain.classes": json.dumps(self.classes)}
+        return to_metadata(CheckpointInfo(classes=tuple(self.classes), data=self.data, task="fgvc"))
 
 
 def resolve_data_root(root: str | None) -> Path:
@@ -68,6 +70,12 @@ def resolve_data_root(root: str | None) -> Path:
 
         return Path(DEMO_ROOT)
     return Path(root).expanduser()
+
+
+def recipe_data_record(recipe: Recipe) -> DataRecord:
+    """Where a run trains, as its checkpoints record it (an absolute folder: read from anywhere)."""
+    root = resolve_data_root(recipe.data.root).resolve()
+    return DataRecord(recipe.data.kind, str(root), dict(recipe.data.options))
 
 
 def recipe_preprocessing(recipe: Recipe, base: Preprocessing) -> Preprocessing:
@@ -99,25 +107,37 @@ def build_fgvc_model(recipe: Recipe, num_classes: int, echo: Callable[[str], Non
     A resumed run warm-starts too (its resume state then replaces the weights), so the
     preprocessing adopted from the backbone file is the same as in the interrupted run.
     """
-    model = create_model(recipe.model.name, num_classes=num_classes, **recipe.model.overrides)
-    warm_start(model, recipe, echo, resuming, "Fine-tuning needs pretrained weights (--weights FILE) to reach "
-               "the paper's accuracy.")
+    model = warm_start(lambda name, overrides: create_model(name, num_classes=num_classes, **overrides), recipe,
+                       echo, resuming, "Fine-tuning needs pretrained weights (--weights FILE) to reach the paper's "
+                       "accuracy.")
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
     return model
 
 
-def warm_start(model: nn.Module, recipe: Recipe, echo: Callable[[str], None], resuming: bool,
-               without_weights: str | None) -> None:
-    """Load recipe.model.weights into everything but the head, saying so; with no weights, warn
-    loudly (`without_weights` says why it matters) unless None (pretraining starts from scratch)."""
-    if recipe.model.weights:
-        counts = load_backbone_weights(model, recipe.model.weights, reset_bn_stats=recipe.model.reset_bn_stats)
-        if not resuming:
-            echo(f"warm start from {recipe.model.weights}: {counts['loaded']} tensors loaded, "
-                 f"{counts['skipped']} (head) skipped")
-    elif not resuming and without_weights:
-        loud_warning(f"No backbone weights: {recipe.model.name} starts from RANDOM INITIALISATION. {without_weights}",
-                     echo)
+def warm_start(build: Callable[[str, dict[str, Any]], nn.Module], recipe: Recipe, echo: Callable[[str], None],
+               resuming: bool, without_weights: str | None) -> nn.Module:
+    """The recipe's network, made by `build(name, overrides)`, with recipe.model.weights loaded
+    into everything but its head, saying so.
+
+    A weights file that records its architecture (a `finegrain convert` or training output)
+    decides the network when the recipe's does not fit it. Without weights, warn loudly
+    (`without_weights` says why it matters) where the recipe expects them; the demos and
+    pretraining (None) start from scratch on purpose.
+    """
+    name, overrides, weights = recipe.model.name, dict(recipe.model.overrides), recipe.model.weights
+    if not weights:
+        # recipes: ModelConfig.expects_weights (true in the paper's fine-tuning recipes)
+        if not resuming and without_weights and getattr(recipe.model, "expects_weights", False):
+            loud_warning(f"No backbone weights: {name} starts from RANDOM INITIALISATION. {without_weights}", echo)
+        return build(name, overrides)
+    name, overrides, note = warm_start_architecture(name, overrides, weights)
+    if note and not resuming:
+        echo(note)
+    model = build(name, overrides)
+    counts = load_backbone_weights(model, weights, reset_bn_stats=recipe.model.reset_bn_stats)
+    if not resuming:
+        echo(f"warm start from {weights}: {counts['loaded']} tensors loaded, {counts['skipped']} (head) skipped")
+    return model
 
 
 def classification_splits(recipe: Recipe, run_dir: str | Path, resume: bool) -> tuple[Path, Split, Split]:
@@ -156,7 +176,8 @@ def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: 
     teacher = None
     if regularization.kd.logits:
         teacher, _ = teacher_logits_for_split(regularization.kd.logits, train, root)
-    task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher)
+    task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher,
+                              recipe_data_record(recipe))
     pre = model.preprocessing
     train_set, test_set = classification_datasets(recipe, pre, train, test)
     echo(f"{recipe.name}: {len(train)} train / {len(test)} test images, {len(train.classes)} classes, "
@@ -164,21 +185,3 @@ def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: 
     trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
     return trainer.fit(resume=resume)
 
-
-def same_recipe_or_error(saved: Recipe, given: Recipe, free: tuple[str, ...] = ("train.workers",)) -> None:
-    """A resumed run must use the recipe it started with (only `free` keys may change)."""
-    flat_saved, flat_given = _flatten(recipe_to_dict(saved)), _flatten(recipe_to_dict(given))
-    for key in flat_saved:
-        if key not in free and flat_saved[key] != flat_given.get(key):
-            raise FinegrainError(f"The run was started with {key}={flat_saved[key]!r}, now {flat_given.get(key)!r}. "
-                                 "Resume with the same recipe and settings, or start a new run with another --out.")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "overrides" and key != "options":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

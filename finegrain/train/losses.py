@@ -9,15 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def mixed_one_hot(labels: Tensor, num_classes: int, partner_labels: Tensor | None = None,
-                  lam: Tensor | None = None) -> Tensor:
-    """lam * onehot(labels) + (1 - lam) * onehot(partner_labels): Mixup's soft targets [B, C]."""
-    targets = F.one_hot(labels, num_classes).float()
-    if partner_labels is None or lam is None:
-        return targets
-    lam = lam.float().view(-1, 1)
-    return lam * targets + (1.0 - lam) * F.one_hot(partner_labels, num_classes).float()
+from finegrain.train.mixup import mix_tensors, mixed_one_hot
 
 
 def smooth_targets(targets: Tensor, smoothing: float) -> Tensor:
@@ -38,8 +30,7 @@ def teacher_probabilities(teacher_logits: Tensor, temperature: float, partner_lo
     probs = F.softmax(teacher_logits.float() / temperature, dim=-1)
     if partner_logits is None or lam is None:
         return probs
-    lam = lam.float().view(-1, 1)
-    return lam * probs + (1.0 - lam) * F.softmax(partner_logits.float() / temperature, dim=-1)
+    return mix_tensors(probs, F.softmax(partner_logits.float() / temperature, dim=-1), lam)
 
 
 def distillation_loss(student_logits: Tensor, teacher_probs: Tensor, temperature: float) -> Tensor:

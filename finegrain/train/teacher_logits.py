@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from finegrain.data import Sample, Split
 from finegrain.errors import FinegrainError
-from finegrain.fileio import atomic_path, sha256_file
+from finegrain.fileio import sha256_file
+from finegrain.models.checkpoint import write_safetensors
+from finegrain.models.metadata import (PATHS_RELATIVE_TO, TEACHER, TEACHER_ARCH, TEACHER_PATHS, CheckpointInfo,
+                                       check_classes, parse_metadata, read_header, to_metadata)
 from finegrain.train import teacher
-
-META_CLASSES = "finegrain.classes"
-META_PATHS_RELATIVE = "finegrain.paths_relative_to"  # "data root": the keys are root-relative
 
 
 def split_keys(samples: Sequence[Sample], root: str | Path) -> list[str]:
@@ -54,13 +52,12 @@ def load_teacher(weights: str | Path, arch: str | None = None) -> nn.Module:
     name when the names fit, else by position with every shape checked (as the EfficientNet-Lite0
     package's file loads into timm).
     """
-    from finegrain.models import create_model, load_model, read_weights
-    from finegrain.models.checkpoint import META_ARCH
+    from finegrain.models import create_model, load_model, read_info, read_weights
     from finegrain.train.pretrained import timm_model_by_key_order
 
-    state, metadata = read_weights(weights)
-    if META_ARCH in metadata:
+    if Path(weights).suffix == ".safetensors" and read_info(weights).architecture is not None:
         return load_model(weights)
+    state, _ = read_weights(weights)
     if arch is None:
         raise FinegrainError(f"{weights} is a plain state dict without finegrain metadata. Pass the architecture it "
                              "was made for, e.g. --arch timm/efficientnet_lite0.")
@@ -76,19 +73,10 @@ def load_teacher(weights: str | Path, arch: str | None = None) -> nn.Module:
 
 def check_teacher_classes(model: nn.Module, classes: list[str], weights: str | Path) -> None:
     """A teacher must predict exactly the data set's classes (names too, when it records them)."""
-    count = class_count(model)
-    if count != len(classes):
-        raise FinegrainError(f"The teacher {weights} predicts {count} classes, the training data has {len(classes)}. "
-                             "Fine-tune the teacher on these classes first (finegrain fgvc), then write its logits.")
-    recorded = getattr(model, "metadata", {}).get(META_CLASSES)
-    if recorded is not None:
-        _same_classes_or_error(json.loads(recorded), classes, f"The teacher {weights}", "Fine-tune it on this data set")
-
-
-def _same_classes_or_error(theirs: list[str], ours: list[str], who: str, fix: str) -> None:
-    for position, (a, b) in enumerate(zip(theirs, ours)):
-        if a != b:
-            raise FinegrainError(f"{who} has class {position} {a!r} where the training data has {b!r}. {fix}.")
+    recorded = model.info.classes if isinstance(getattr(model, "info", None), CheckpointInfo) else None
+    check_classes(CheckpointInfo(num_classes=class_count(model), classes=recorded), classes, f"The teacher {weights}",
+                  "the training data", "Fine-tune the teacher on these classes first (finegrain fgvc), then write "
+                  "its logits")
 
 
 @torch.inference_mode()
@@ -106,7 +94,7 @@ def write_teacher_logits(weights: str | Path, data: str | Path, out: str | Path,
     from finegrain.data.transforms import eval_transform
     from finegrain.eval.classification import predict_logits, topk_accuracy
     from finegrain.runtime import default_device
-    from finegrain.train.loader import eval_loader
+    from finegrain.data.loaders import eval_loader
 
     echo = echo or (lambda message: print(message, file=sys.stderr))
     device = device or default_device()
@@ -124,13 +112,12 @@ def write_teacher_logits(weights: str | Path, data: str | Path, out: str | Path,
         logits[bad] = 0.0
         echo(f"warning: {len(bad)} undecodable image(s) got uniform logits, e.g. {train.samples[bad[0]].path}")
     fingerprint = teacher_fingerprint(weights)
-    metadata = {"finegrain.paths": json.dumps(split_keys(train.samples, data)),
-                "finegrain.num_classes": str(logits.shape[1]), "finegrain.teacher": fingerprint,
-                META_CLASSES: json.dumps(train.classes), META_PATHS_RELATIVE: "data root",
-                "finegrain.teacher_arch": str(getattr(model, "arch", type(model).__name__)),
-                "finegrain.preprocessing": model.preprocessing.to_json()}
-    with atomic_path(out) as tmp:
-        save_file({"logits": logits.contiguous()}, str(tmp), metadata=metadata)
+    info = CheckpointInfo(num_classes=logits.shape[1], classes=tuple(train.classes), preprocessing=model.preprocessing,
+                          extra={TEACHER_PATHS: json.dumps(split_keys(train.samples, data)), TEACHER: fingerprint,
+                                 PATHS_RELATIVE_TO: "data root",
+                                 TEACHER_ARCH: str(getattr(model, "arch", type(model).__name__))})
+    metadata = to_metadata(info)
+    write_safetensors({"logits": logits.contiguous()}, out, metadata)
     accuracy = topk_accuracy(logits, labels, ks=(1,))["top1"]
     return {"out": Path(out), "images": len(train), "classes": len(train.classes), "teacher": fingerprint,
             "teacher_top1": accuracy}
@@ -143,9 +130,8 @@ def teacher_logits_for_split(path: str | Path, split: Split, root: str | Path) -
     recorded) class names do not match the split.
     """
     logits = teacher.load_teacher_logits(path, split_keys(split.samples, root), len(split.classes))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if META_CLASSES in metadata:
-        _same_classes_or_error(json.loads(metadata[META_CLASSES]), split.classes, f"Teacher logits {path}",
-                               "Write the logits with a teacher fine-tuned on this data set")
-    return logits, metadata
+    header = read_header(path)
+    recorded = parse_metadata(header.metadata, path).classes
+    check_classes(CheckpointInfo(classes=recorded), split.classes, f"The teacher of {path}", "the training data",
+                  "Write the logits with a teacher fine-tuned on this data set")
+    return logits, header.metadata

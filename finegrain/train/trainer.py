@@ -7,7 +7,8 @@ rule, AMP, channels_last, Mixup type 1/2, the DropBlock keep_prob schedule, per-
 evaluation, atomic checkpoints, exact resume and Ctrl-C safety.
 
 A run directory holds recipe.yaml, metrics.jsonl, curves.png, last.safetensors,
-best.safetensors and resume_state.pt.
+best.safetensors and resume_state.pt, written at step boundaries only (finegrain.train.resume
+says why that makes resuming exact) and never with a non-finite weight.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,29 +26,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from finegrain import distributed
-from finegrain.data.mixup import mix_tensors, sample_lambdas, shuffle_order
+from finegrain.data.loaders import epoch_loader, eval_loader
+from finegrain.data.samplers import EpochBatches
 from finegrain.errors import FinegrainError
 from finegrain.fileio import atomic_path
 from finegrain.models import save_model, set_drop_block_keep_prob
 from finegrain.recipes import Recipe, recipe_to_yaml
 from finegrain.runtime import autocast, default_device
-from finegrain.train import checkpoint, report
-from finegrain.train.loader import EpochBatches, RankBatches, epoch_loader, eval_loader
+from finegrain.train import report
+from finegrain.train.mixup import Mixup, TrainBatch
+from finegrain.train.resume import (RESUME_FILE, StopRequest, capture_state, first_non_finite, load_resume_state,
+                                    restore_state, save_resume_state, step_seed)
 from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
                                    set_bn_momentum)
-
-
-@dataclass
-class TrainBatch:
-    """One training step's input. With Mixup, images are already mixed:
-    lam * images[first] + (1 - lam) * images[partner]."""
-
-    images: Tensor  # [B, 3, H, W] on the device
-    labels: Tensor  # [B] int64
-    indices: Tensor  # [B] dataset indices (teacher logits are looked up by them)
-    partner_labels: Tensor | None = None  # [B]
-    partner_indices: Tensor | None = None  # [B]
-    lam: Tensor | None = None  # [B] weight of the first sample, from Beta(alpha, alpha)
 
 
 def split_batch(batch: TrainBatch, chunks: int) -> list[TrainBatch]:
@@ -109,11 +99,13 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
 class Trainer:
     """Train `model` on `train_set` with `task`, evaluating on `eval_set` every epoch."""
 
+    save_interval_s: float = 600.0  # a mid-epoch resume state at least this often (a kill loses less)
+
     def __init__(self, recipe: Recipe, model: nn.Module, task: Task, train_set: Dataset, eval_set: Dataset,
                  run_dir: str | Path, device: torch.device | None = None, progress: bool = True,
-                 echo: Callable[[str], None] | None = None, batches: EpochBatches | None = None) -> None:
-        """`batches`: another batch sampler with EpochBatches' interface (steps_per_epoch,
-        set_epoch(epoch, skip), seed, epoch, paired, state_dict), e.g. m-per-class batches."""
+                 echo: Callable[[str], None] | None = None, batches: Any = None) -> None:
+        """`batches`: another batch sampler with EpochBatches' interface (finegrain.data.samplers),
+        e.g. m-per-class batches; the schedule is sized from its steps per epoch."""
         self.recipe, self.model, self.task = recipe, model, task
         self.train_set, self.eval_set = train_set, eval_set
         self.run_dir = Path(run_dir)
@@ -126,8 +118,11 @@ class Trainer:
         self.amp_dtype, use_scaler = resolve_amp(train.amp, self.device)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
         mix = recipe.regularization.mixup
-        self.batches = batches or EpochBatches(len(train_set), train.batch_size, train.seed, paired=mix.type == 1)
-        self.mix_generator = torch.Generator().manual_seed(train.seed)  # Mixup lambdas and type-2 partners
+        self.mixup = Mixup(mix.type, mix.alpha, train.seed, self.dist.rank)
+        self.batches = batches or EpochBatches(len(train_set), train.batch_size, train.seed, paired=self.mixup.paired)
+        if self.mixup.paired and not self.batches.paired:
+            raise FinegrainError("Mixup type 1 needs paired batches (two independently loaded halves); this batch "
+                                 "sampler gives single ones. Use regularization.mixup.type=2 or null.")
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = train.epochs * self.steps_per_epoch
         self.model.to(self.device, memory_format=self.memory_format)
@@ -136,18 +131,19 @@ class Trainer:
         self.train_model = self._data_parallel(task.training_module(self.model))
         if train.bn_momentum_rule:
             set_bn_momentum(self.model, bn_momentum_rule(self.steps_per_epoch))
-        trained = nn.ModuleList([self.model] + ([task.trainable] if task.trainable is not None else []))
-        self.optimizer = build_sgd(trained, recipe.effective_lr(), recipe.optim.momentum, recipe.optim.weight_decay,
-                                   recipe.optim.nesterov, task.param_groups(self.model))
+        self.trained = nn.ModuleList([self.model] + ([task.trainable] if task.trainable is not None else []))
+        self.optimizer = build_sgd(self.trained, recipe.effective_lr(), recipe.optim.momentum,
+                                   recipe.optim.weight_decay, recipe.optim.nesterov, task.param_groups(self.model))
         warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch)
         self.scheduler = WarmupCosine(self.optimizer, self.total_steps, min(warmup_steps, self.total_steps),
                                       recipe.schedule.final_lr / recipe.effective_lr())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        if mix.type == 1 and not self.batches.paired:
-            raise FinegrainError("Mixup type 1 needs paired batches (two independently loaded halves); this batch "
-                                 "sampler gives single ones. Use regularization.mixup.type=2 or null.")
         self.global_step = 0
-        self._position: tuple[int, int, float] = (0, 0, 0.0)  # (epochs done, steps done in the next, loss sum)
+        self.position: tuple[int, int, float] = (0, 0, 0.0)  # (epochs done, steps done in the next, loss sum)
+        self._saved_at: tuple[int, int] | None = None  # (epoch, global step) of the newest resume state
+        self._last_save = time.monotonic()
+        self._in_step = False  # between a step's first change to the model and its last
+        self._stop = StopRequest()
         self.best: dict[str, Any] = {"metric": task.best_metric, "value": -math.inf, "epoch": 0}
         self.rows: list[dict[str, Any]] = []
         dropblock = recipe.regularization.dropblock
@@ -178,94 +174,114 @@ class Trainer:
                     torch.distributed.all_reduce(parameter.grad)
                     parameter.grad /= self.dist.world_size
 
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag raised on any process (all stop, or diverge, at the same step under torchrun)."""
+        if not self.dist.enabled:
+            return list(flags)
+        votes = torch.tensor([float(flag) for flag in flags], device=self.device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        return [bool(vote) for vote in votes.tolist()]
+
     # ----------------------------------------------------------------------------- state
     @property
     def resume_path(self) -> Path:
-        return self.run_dir / checkpoint.RESUME_FILE
+        return self.run_dir / RESUME_FILE
 
-    def _state(self, epoch: int, step_in_epoch: int, loss_sum: float) -> dict[str, Any]:
-        return {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
-            "loss_sum": loss_sum, "model": self.model.state_dict(),
-            "task": self.task.trainable.state_dict() if self.task.trainable is not None else {},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": checkpoint.capture_rng_state(),
-            "mixup_rng": self.mix_generator.get_state(),
-            "sampler": self.batches.state_dict(), "best": dict(self.best),
-            "recipe": recipe_to_yaml(self.recipe),
-        }
-
-    def _load_state(self, state: dict[str, Any]) -> tuple[int, int, float]:
-        if state["sampler"]["seed"] != self.batches.seed:
-            raise FinegrainError(f"The run was started with seed {state['sampler']['seed']}, this recipe has "
-                                 f"{self.batches.seed}. Resume with the run's own recipe.yaml.")
-        self.model.load_state_dict(state["model"])
-        if self.task.trainable is not None:
-            self.task.trainable.load_state_dict(state["task"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng_state(state["rng"])
-        self.mix_generator.set_state(state["mixup_rng"])
-        self.global_step = int(state["global_step"])
-        self.best = dict(state["best"])
-        self.rows = [row for row in report.read_metrics(self.run_dir) if row["epoch"] <= state["epoch"]]
-        return int(state["epoch"]), int(state["step_in_epoch"]), float(state["loss_sum"])
+    def _save_resume_state(self) -> None:
+        """The state at the current step boundary, unless it is the one already on disk."""
+        here = (self.position[0], self.global_step)
+        if here == self._saved_at:
+            return
+        self._check_weights()
+        if self.dist.is_main:
+            save_resume_state(self.resume_path, capture_state(self))
+        self._saved_at, self._last_save = here, time.monotonic()
 
     def _save_model(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        extra = {"finegrain.epoch": str(epoch), "finegrain.recipe": self.recipe.name,
-                 **{f"finegrain.metric.{k}": repr(v) for k, v in metrics.items() if isinstance(v, float)},
-                 **self.task.checkpoint_metadata()}
-        save_model(self.model, self.run_dir / name, extra_metadata=extra)
+        save_model(self.model, self.run_dir / name, extra_metadata=self.task.checkpoint_metadata(), epoch=epoch,
+                   recipe=self.recipe.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+
+    # ---------------------------------------------------------------------------- finiteness
+    def _diverged(self, step: int, what: str) -> FinegrainError:
+        """The error for global step `step` (1-based) having made training non-finite."""
+        lr, amp = self.recipe.optim.lr, " (or use train.amp=bf16 / fp32)" if self.scaler.is_enabled() else ""
+        kept = (f"{self.resume_path} is still the state at epoch {self._saved_at[0]}, global step {self._saved_at[1]}"
+                if self._saved_at is not None else "Nothing was saved")
+        return FinegrainError(f"Training diverged at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
+                              f"step {(step - 1) % self.steps_per_epoch + 1} of {self.steps_per_epoch}): {what}. "
+                              f"Lower optim.lr (now {lr:g}; e.g. --set optim.lr={lr / 10:g}){amp} and start again "
+                              f"with another --out. {kept}; nothing non-finite was written.")
+
+    def _check_weights(self) -> None:
+        """Before every save: the weights and optimizer buffers the last update left must be finite."""
+        buffers = [(f"optimizer state {key}.{name}", value)
+                   for key, values in self.optimizer.state_dict()["state"].items() for name, value in values.items()]
+        bad = first_non_finite(list(self.trained.state_dict().items()) + buffers)
+        if bad is not None and self.global_step == 0:
+            raise FinegrainError(f"The starting weights are not finite (first: {bad}). Check model.weights.")
+        if bad is not None:
+            raise self._diverged(self.global_step, f"its update made {bad} non-finite")
 
     # ------------------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the recipe's last epoch; returns {"best": {...}, "last": last metrics row}.
 
-        On KeyboardInterrupt the resume state (mid-epoch included) is saved before re-raising.
-        Resuming at an epoch boundary is exact; after a mid-epoch interrupt the run continues
-        with the next unseen batch of the same order.
+        Ctrl-C stops at the next step boundary, saves the resume state there and raises
+        KeyboardInterrupt; `fit(resume=True)` in a new Trainer then continues bit-exactly.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
         if self.device.type == "cpu" and self.recipe.train.threads is not None:
             torch.set_num_threads(self.recipe.train.threads)
         try:
-            return self._fit(resume)
+            with StopRequest(announce=self.dist.is_main) as self._stop:
+                return self._fit(resume)
         finally:
             torch.set_num_threads(threads)
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         if resume:
-            self._position = self._load_state(checkpoint.load_resume_state(self.resume_path))
-            self.echo(f"resuming {self.run_dir} after epoch {self._position[0]}, step {self._position[1]}")
+            self.position = restore_state(self, load_resume_state(self.resume_path))
+            self._saved_at = (self.position[0], self.global_step)
+            self.echo(f"resuming {self.run_dir} after epoch {self.position[0]}, step {self.position[1]}")
         else:
-            self._position = (0, 0, 0.0)
-            checkpoint.seed_everything(self.recipe.train.seed)
+            self.position = (0, 0, 0.0)
             if self.dist.is_main:
                 with atomic_path(self.run_dir / "recipe.yaml") as tmp:
                     tmp.write_text(recipe_to_yaml(self.recipe))
             if self.task.evaluate_at_start:
                 self._log_row({"epoch": 0, "loss": None, "lr": None, **self._evaluate()})
+            self._save_resume_state()  # a run killed in its first epoch resumes too
         try:
-            while self._position[0] < self.recipe.train.epochs:
+            while self.position[0] < self.recipe.train.epochs:
+                self._stop_if_asked()
                 start = time.perf_counter()
                 train_row = self._train_epoch()
+                self._check_weights()
                 metrics = self._evaluate()
                 throughput = train_row.pop("images_per_s")
                 self._finish_epoch({**train_row, **metrics, "time": round(time.perf_counter() - start, 3),
                                     "images_per_s": throughput})
         except KeyboardInterrupt:
-            if self.dist.is_main:
-                checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
-            self.echo(f"interrupted: resume state saved to {self.resume_path}; continue with --resume")
+            if not self._in_step:  # a Ctrl-C raised outside our handler, between steps: still a boundary
+                self._save_resume_state()
+            self.echo(f"interrupted: the resume state in {self.resume_path} is at epoch {self._saved_at[0]}, "
+                      f"global step {self._saved_at[1]}; continue with --resume")
             raise
         return {"best": dict(self.best), "last": self.rows[-1] if self.rows else {}}
 
+    def _stop_if_asked(self) -> None:
+        """At a step boundary: on Ctrl-C (on any process), save the resume state and stop."""
+        if self._agree(self._stop.requested)[0]:
+            self._save_resume_state()
+            raise KeyboardInterrupt
+        if time.monotonic() - self._last_save >= self.save_interval_s:
+            self._save_resume_state()
+
     def _train_epoch(self) -> dict[str, Any]:
-        epoch, skip, loss_sum = self._position
+        epoch, skip, loss_sum = self.position
         self.model.train()
         if self.recipe.train.freeze_bn:
             for module in self.model.modules():
@@ -274,9 +290,8 @@ class Trainer:
         if self.task.trainable is not None:
             self.task.trainable.train()
         self.batches.set_epoch(epoch, skip)
-        sampler = RankBatches(self.batches, self.dist) if self.dist.enabled else self.batches
-        loader = epoch_loader(self.train_set, sampler, self.recipe.train.workers, self.device.type == "cuda",
-                              rank=self.dist.rank)
+        loader = epoch_loader(self.train_set, self.batches, self.recipe.train.workers, self.device.type == "cuda",
+                              self.dist)
         bar = tqdm(loader, total=self.steps_per_epoch, initial=skip, leave=False, file=sys.stderr,
                    desc=f"epoch {epoch + 1}/{self.recipe.train.epochs}", disable=not self.progress)
         images_seen, start, lr = 0, time.perf_counter(), self.optimizer.param_groups[0]["lr"]
@@ -284,57 +299,51 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_mult"]
             loss = self._step(items)
             loss_sum += loss
-            self._position = (epoch, step + 1, loss_sum)
+            self.position = (epoch, step + 1, loss_sum)
             images_seen += len(items[1]) // (2 if self.batches.paired else 1)
             bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", lr=f"{lr:.3g}",
                             img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
+            if step + 1 < self.steps_per_epoch:  # the epoch's end is a boundary of its own, after evaluation
+                self._stop_if_asked()
         bar.close()
         return {"epoch": epoch + 1, "loss": loss_sum / self.steps_per_epoch, "lr": lr,
                 "images_per_s": round(images_seen / max(time.perf_counter() - start, 1e-9), 2)}
 
     def _step(self, items: list[Tensor]) -> float:
+        """One optimisation step, with torch's RNG (DropBlock masks, ...) seeded by its place in the run."""
         dropblock = self.recipe.regularization.dropblock
         set_drop_block_keep_prob(self.model, linear_schedule(self.global_step, self.total_steps,
                                                              dropblock.start, dropblock.end))
-        batch = self._make_batch(items[0], items[1], items[2])
+        batch = self.mixup(items[0].to(self.device, non_blocking=True), items[1].to(self.device).long(),
+                           items[2].to(self.device).long(), self.global_step)
+        batch.images = batch.images.contiguous(memory_format=self.memory_format)
         chunks = self.recipe.train.accumulate_steps
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
-        for index, micro in enumerate(split_batch(batch, chunks)):
-            last = index == chunks - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
-            with sync:
-                with autocast(self.device, self.amp_dtype):
-                    loss = self.task.loss(self.train_model, micro) / chunks
-                self.scaler.scale(loss).backward()
-            value += float(loss.detach())
-        if not math.isfinite(value):
-            raise FinegrainError(f"The training loss became {value} at step {self.global_step}. "
-                                 "Lower optim.lr (or use train.amp=bf16/fp32) and start again.")
+        self._in_step = True
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(step_seed(self.recipe.train.seed, self.global_step, self.dist.rank))
+            for index, micro in enumerate(split_batch(batch, chunks)):
+                last = index == chunks - 1
+                sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+                with sync:
+                    with autocast(self.device, self.amp_dtype):
+                        loss = self.task.loss(self.train_model, micro) / chunks
+                    self.scaler.scale(loss).backward()
+                value += float(loss.detach())
         self._sync_task_gradients()
+        grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
+        # With a grad scaler (fp16) an overflow is expected now and then: the scaler skips that step.
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads and not self.scaler.is_enabled() else 0.0
+        if self._agree(not math.isfinite(value) or not math.isfinite(norm))[0]:
+            self._in_step = False  # nothing was updated: the weights are still those of the boundary
+            raise self._diverged(self.global_step + 1, f"the loss is {value:g}, the gradient norm {norm:g}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
+        self._in_step = False
         return value
-
-    def _make_batch(self, images: Tensor, labels: Tensor, indices: Tensor) -> TrainBatch:
-        images = images.to(self.device, non_blocking=True)
-        labels, indices = labels.to(self.device).long(), indices.to(self.device).long()
-        mix = self.recipe.regularization.mixup
-        if mix.type is None:
-            return TrainBatch(images.contiguous(memory_format=self.memory_format), labels, indices)
-        if mix.type == 1:  # the loader sent B main then B partner samples
-            half = len(labels) // 2
-            images, partner_images = images[:half], images[half:]
-            labels, partner_labels = labels[:half], labels[half:]
-            indices, partner_indices = indices[:half], indices[half:]
-        else:  # type 2: the batch with a shuffled copy of itself
-            order = shuffle_order(len(labels), self.mix_generator).to(self.device)
-            partner_images, partner_labels, partner_indices = images[order], labels[order], indices[order]
-        lam = sample_lambdas(len(labels), mix.alpha, self.mix_generator).to(self.device)
-        mixed = mix_tensors(images, partner_images, lam).contiguous(memory_format=self.memory_format)
-        return TrainBatch(mixed, labels, indices, partner_labels, partner_indices, lam)
 
     def _evaluate(self) -> dict[str, float]:
         train = self.recipe.train
@@ -364,9 +373,8 @@ class Trainer:
                 with atomic_path(self.run_dir / "best.safetensors") as tmp:
                     shutil.copyfile(self.run_dir / "last.safetensors", tmp)
         self._log_row(row)
-        self._position = (epoch, 0, 0.0)
-        if self.dist.is_main:
-            checkpoint.save_resume_state(self.resume_path, self._state(*self._position))
+        self.position = (epoch, 0, 0.0)
+        self._save_resume_state()
         distributed.barrier()
 
     def _log_row(self, row: dict[str, Any]) -> None:
