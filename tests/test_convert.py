@@ -1,6 +1,9 @@
 """The release converter against logits TensorFlow computed with the authors' own graph code."""
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +131,6 @@ def test_corrupted_byte_and_missing_shard_are_refused(tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "finegrain", "convert", str(tmp_path / "nope"), "--arch",
                              "assemble_resnet50", "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert result.returncode == 2
@@ -152,3 +152,117 @@ def test_torchvision_state_dict_converts_with_metadata(tmp_path):
     with torch.no_grad():
         assert (model(x) - reference(x)).abs().max() < 1e-4
     assert model.metadata["finegrain.source_kind"] == "torchvision"
+
+
+# ---------------------------------------------------------------- every way of naming the checkpoint
+@pytest.mark.parametrize("given", [".", "model.ckpt.index", "model.ckpt.data-00000-of-00001"])
+def test_cli_accepts_folder_index_and_data_file(converted, tmp_path, given):
+    """The folder (with its `checkpoint` file), the .index and a .data-* file convert exactly as the prefix does."""
+    out = tmp_path / "out.safetensors"
+    source = FIXTURES / "resnet50_v1_w16" / given
+    result = CliRunner().invoke(app, ["convert", str(source), "--arch", "resnet50", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ours, reference = finegrain.load_model(out), finegrain.load_model(converted["resnet50_v1_w16"])
+    assert ours.metadata == reference.metadata  # source "model.ckpt", the index's sha256, ...
+    assert ours.metadata["finegrain.source"] == "model.ckpt"
+    for (name, value), (_, expected) in zip(ours.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(value, expected), name
+
+
+# ---------------------------------------------------------------- crafted but valid-looking checkpoints
+def rewritten(tmp_path, change):
+    """The resnet50_v1_w16 fixture re-written (valid checksums throughout) after `change(tensors)`."""
+    from fuzz.tf_bundle_codec import write_bundle
+
+    from finegrain.convert.tf_bundle import TensorBundle
+
+    with TensorBundle(FIXTURES / "resnet50_v1_w16" / "model.ckpt") as bundle:
+        tensors = {name: bundle.read(name) for name in bundle.names()}
+    change(tensors)
+    write_bundle(tmp_path / "model.ckpt", tensors)
+    return tmp_path / "model.ckpt"
+
+
+KERNEL = "resnet_model/conv2d_5/kernel"
+
+
+def _set(name, value):
+    return lambda tensors: tensors.__setitem__(name, value(tensors[name]))
+
+
+@pytest.mark.parametrize("change, use_ema, match", [
+    (lambda t: t.pop(KERNEL), False, rf"variables the model needs but the checkpoint lacks: {KERNEL}"),
+    (_set(KERNEL, lambda a: a.transpose(3, 2, 0, 1).copy()), False, rf"shape mismatches: {KERNEL} \[16, 64, 1, 1\]"),
+    (_set(KERNEL, lambda a: a.reshape(2, -1).copy()), False, rf"shape mismatches: {KERNEL} \[2, 512\]"),
+    (_set(KERNEL, lambda a: a.astype(np.int32)), False, rf"not float arrays: {KERNEL} \(int32\)"),
+    (_set(KERNEL, lambda a: np.where(a > 0, np.nan, a)), False, rf"{KERNEL} in .* holds NaN or infinite"),
+    (lambda t: t.__setitem__(f"{KERNEL}/Momentum", np.arange(3)), False, None),  # optimizer slots are not read
+    (lambda t: t.__setitem__(f"{KERNEL}/ExponentialMovingAverage", t[KERNEL][..., :1].copy()), True,
+     rf"shape mismatches: {KERNEL}/ExponentialMovingAverage \[1, 1, 64, 1\]"),
+    (_set("resnet_model/conv2d/kernel", lambda a: a.reshape(-1, 16)), False,
+     r"conv2d/kernel in .* has shape \[147, 16\], but the release graph of 'resnet50' has a non-empty 4-D"),
+    (_set("resnet_model/dense/bias", lambda a: a[:0]), False, r"dense/bias .* has shape \[0\]"),
+])
+def test_crafted_checkpoint_fails_clearly(tmp_path, change, use_ema, match):
+    prefix = rewritten(tmp_path, change)
+    if match is None:
+        assert convert_release(prefix, "resnet50") is not None
+        return
+    with pytest.raises(FinegrainError, match=match):
+        convert_release(prefix, "resnet50", use_ema=use_ema)
+
+
+def test_crafted_width_is_refused_before_the_model_is_built(tmp_path):
+    """A stem claiming base width 1024 (a 6-billion-parameter resnet50) fails on shapes, with
+    the child's address space held to 2 GiB more than after its imports."""
+    stem = "resnet_model/conv2d/kernel"
+    prefix = rewritten(tmp_path, _set(stem, lambda a: np.zeros((7, 7, 3, 1024), np.float32)))
+    child = (
+        "import resource, sys\n"
+        "from finegrain.convert.release import convert_release\n"
+        "from finegrain.errors import FinegrainError\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize:')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**31, vm + 2**31))\n"
+        "try:\n"
+        "    convert_release(sys.argv[1], 'resnet50')\n"
+        "except FinegrainError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child, str(prefix)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"does not fit 'resnet50'\. \d+ shape mismatches: .* -> bn1\.weight \[1024\]", result.stdout)
+
+
+def test_cli_refuses_hostile_index_in_one_line(tmp_path):
+    """The review's case through the command: a CRC-correct index asking for 2**31 - 1 shards."""
+    from fuzz.tf_bundle_codec import encode_table, entry_proto, header_proto
+
+    entries = [(f"resnet_model/layer_{i:05d}/kernel".encode(), entry_proto(1, (2,), 0, 0, 8, 0)) for i in range(800)]
+    (tmp_path / "model.ckpt.index").write_bytes(encode_table([(b"", header_proto(2**31 - 1)), *entries]))
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
+    result = subprocess.run([sys.executable, "-m", "finegrain", "convert", str(tmp_path), "--arch", "resnet50",
+                             "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert re.search(r"model\.ckpt\.index is not a readable TensorFlow checkpoint index \(header names 2147483647",
+                     " ".join(result.stderr.split()))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda state: {"fc.weight": torch.tensor(1.0)}, r"has no 2-D fc\.weight"),
+    (lambda state: {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, r"missing layer1\.0\.conv1\.weight"),
+    (lambda state: {**state, "layer1.0.conv3.weight": state["layer1.0.conv3.weight"].transpose(0, 1)},
+     r"shape layer1\.0\.conv3\.weight"),
+    (lambda state: {**state, "fc.bias": torch.full_like(state["fc.bias"], float("nan"))}, r"(?i)fc\.bias.*(nan|finite)"),
+])
+def test_crafted_torchvision_state_dict_fails_clearly(tmp_path, change, match):
+    import torchvision
+
+    path = tmp_path / "tv.pth"
+    torch.save(change(torchvision.models.resnet50(weights=None).state_dict()), path)
+    result = CliRunner().invoke(app, ["convert", str(path), "--from", "torchvision", "--arch", "resnet50",
+                                      "--out", str(tmp_path / "out.safetensors")])
+    assert result.exit_code != 0 and isinstance(result.exception, FinegrainError), result.output
+    assert re.search(match, str(result.exception)), result.exception
+    assert not (tmp_path / "out.safetensors").exists()

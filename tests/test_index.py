@@ -186,7 +186,7 @@ def test_an_interrupted_add_leaves_the_previous_index_intact(demo, index_copy):
     assert (index_copy / "manifest.json").read_text() == manifest
     verify_files(index_copy)
     assert sorted(p.name for p in index_copy.iterdir()) == ["embeddings.npy", "failed.json", "index.faiss",
-                                                             "items.sqlite", "manifest.json"]
+                                                             "items.sqlite", "manifest.json", "manifest.sha256"]
 
 
 def test_a_corrupted_index_file_is_refused_before_faiss_reads_it(index_copy):
@@ -219,7 +219,10 @@ def test_files_that_do_not_belong_together_are_refused(demo, index_copy, tmp_pat
     manifest["files"]["index.faiss"] = {"sha256": sha256_file(index_copy / "index.faiss"),
                                         "bytes": (index_copy / "index.faiss").stat().st_size}
     (index_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FinegrainError, match="holds 4 vectors of dimension 32.*do not belong together"):
+    with pytest.raises(FinegrainError, match="manifest.json: it fails its SHA-256 check"):
+        IndexFolder(index_copy)
+    (index_copy / "manifest.sha256").write_text(f"{sha256_file(index_copy / 'manifest.json')}  manifest.json\n")
+    with pytest.raises(FinegrainError, match="index.faiss.bytes is .*, but an exact index of 96 x 64 vectors"):
         IndexFolder(index_copy)
     with pytest.raises(FinegrainError, match="not the ones this index was built with"):
         search_index(demo["index"], [images], weights=other_weights)
@@ -273,10 +276,12 @@ def test_tuning_reaches_the_recall_target_on_new_queries(tuned_ivf):
     assert (self_hits[:, 0] == np.arange(50)).all()  # held-out rows kept their ids
 
 
-def test_an_approximate_index_reloads_memory_mapped_with_its_tuned_parameters(tuned_ivf, tmp_path):
+def test_an_approximate_index_reloads_memory_mapped_with_its_tuned_parameters(demo, tuned_ivf, tmp_path):
     index, report, base, queries = tuned_ivf
     items = [Item(i, f"/images/{i}.jpg", None, 1, f"{i:064x}") for i in range(len(base))]
-    manifest = {"model": {}, "index": report.to_dict(), "build": {}}
+    with IndexFolder(demo["index"]) as built:  # a model and build record as `index build` writes them
+        records = {"model": built.manifest["model"], "build": built.manifest["build"]}
+    manifest = {**records, "index": {**report.to_dict(), "chosen_by": "user", "max_memory": 1 << 30}}
     write_index_folder(tmp_path / "ivf", index=index, embeddings=base, items=items, failed=[], manifest=manifest)
     with IndexFolder(tmp_path / "ivf") as folder:
         assert faiss.extract_index_ivf(folder.index).nprobe == int(report.parameters.split("=")[1])
@@ -301,3 +306,56 @@ def test_neighbour_recall_counts_shared_ids_and_never_missing_results():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     found = np.array([[3, 9, 1], [-1, -1, 4]])
     assert neighbour_recall(found, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+def test_a_search_where_no_query_image_can_be_read_fails_naming_them(demo, tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(FinegrainError, match="None of the 2 query images could be read: .*empty.jpg.*text.png"):
+        search_index(demo["index"], [tmp_path / "empty.jpg", tmp_path / "text.png"], k=3)
+    result = runner.invoke(app, ["search", "--index", str(demo["index"]), str(tmp_path / "empty.jpg")])
+    assert result.exit_code != 0 and isinstance(result.exception, FinegrainError)
+
+
+def _caption_hues(path: Path) -> set[str]:
+    """'green' / 'red' where caption text of that hue is drawn under the first row of thumbnails."""
+    from PIL import Image
+
+    pad, thumb, caption = 6, 112, 28  # draw_grid's layout
+    with Image.open(path) as image:
+        strip = np.asarray(image.convert("RGB"))[pad + thumb + 3:pad + thumb + caption].reshape(-1, 3).astype(int)
+    red, green, blue = strip.T
+    return {hue for hue, mask in (("red", (red > green + 80) & (red > blue + 80)),
+                                  ("green", (green > red + 60) & (green > blue + 60))) if mask.any()}
+
+
+def test_a_query_outside_a_class_folder_has_no_label_and_a_neutral_grid(demo, tmp_path):
+    from finegrain.index.search import draw_grid
+
+    image = sorted((demo["test"] / sorted(p.name for p in demo["test"].iterdir())[0]).glob("*.jpg"))[0]
+    downloads = tmp_path / "Downloads"
+    downloads.mkdir()
+    query = Path(shutil.copy(image, downloads / "photo.jpg"))
+    report = search_index(demo["index"], [query], k=4)
+    assert report.results[0].label is None and json.loads(report.to_json())["results"][0]["label"] is None
+    draw_grid(report, tmp_path / "neutral.png")
+    assert _caption_hues(tmp_path / "neutral.png") == set()
+    labelled = search_index(demo["index"], [query], k=4, label=image.parent.name)
+    assert labelled.results[0].label == image.parent.name
+    draw_grid(labelled, tmp_path / "labelled.png")
+    expected = {"green" if n.label == image.parent.name else "red" for n in labelled.results[0].neighbours}
+    assert _caption_hues(tmp_path / "labelled.png") == expected
+
+
+def test_a_query_label_is_its_class_folder_when_the_index_knows_that_class(demo, tmp_path):
+    indexed = sorted(demo["train"].glob("*/*.jpg"))[3]
+    of_a_known_class = sorted(demo["test"].glob("*/*.jpg"))[9]
+    unknown = tmp_path / "Holiday" / "beach.jpg"
+    unknown.parent.mkdir()
+    shutil.copy(of_a_known_class, unknown)
+    report = search_index(demo["index"], [indexed, of_a_known_class, unknown], k=2)
+    assert [r.label for r in report.results] == [indexed.parent.name, of_a_known_class.parent.name, None]
+    result = runner.invoke(app, ["search", "--index", str(demo["index"]), str(unknown), "--k", "2", "--json",
+                                 "--label", "Holiday"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["results"][0]["label"] == "Holiday"

@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
+from typer.testing import CliRunner
 
+from finegrain.cli import fgvc as fgvc_cli
+from finegrain.cli import recipes as recipes_cli
 from finegrain.errors import FinegrainError
 from finegrain.recipes import (RECIPES_DIR, Recipe, apply_overrides, find_recipe, list_recipes, load_recipe,
                                recipe_from_dict, recipe_to_yaml, same_recipe_or_error, schema_for)
@@ -111,7 +115,7 @@ def test_values_out_of_range_are_refused(assignment: str, key: str) -> None:
     with pytest.raises(FinegrainError) as error:
         load_recipe("demo", [assignment], group="fgvc")
     message = str(error.value)
-    assert message.startswith(f"Recipe key '{key}") and "fgvc/demo.yaml or in --set" in message
+    assert message.startswith(f"Recipe key '{key}") and "Fix the value in recipe fgvc/demo or in --set" in message
 
 
 @pytest.mark.parametrize("group, assignment, key", [
@@ -176,6 +180,33 @@ def test_files_that_are_not_recipes_fail_clearly(tmp_path: Path, content: bytes,
     with pytest.raises(FinegrainError, match=problem) as error:
         load_recipe(str(path))
     assert "bad.yaml" in str(error.value)
+
+
+@pytest.mark.parametrize("assignment", ["optim.lr=.nan", "optim.momentum=-1", "model.overrides={base_width: 0}",
+                                        "data.train_size=0", "optim.lrr=1", "optim.lr=[1,"])
+def test_recipes_show_refuses_what_fgvc_refuses(assignment: str, tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("fgvc")(fgvc_cli.fgvc)
+    app.add_typer(recipes_cli.app, name="recipes")
+    shown = CliRunner().invoke(app, ["recipes", "show", "fgvc/demo", "--set", assignment])
+    trained = CliRunner().invoke(app, ["fgvc", "--recipe", "demo", "--set", assignment, "--out", str(tmp_path / "run")])
+    assert isinstance(shown.exception, FinegrainError) and isinstance(trained.exception, FinegrainError)
+    assert str(shown.exception) == str(trained.exception)
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipes_show_validates_a_file_with_the_schema_of_its_group(tmp_path: Path) -> None:
+    own = tmp_path / "mine.yaml"
+    own.write_text("retrieval:\n  embedding_size: 64\n")
+    show = typer.Typer()
+    show.add_typer(recipes_cli.app, name="recipes")
+    shown = CliRunner().invoke(show, ["recipes", "show", str(own), "--group", "retrieval", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert '"embedding_size": 64' in shown.stdout
+    refused = CliRunner().invoke(show, ["recipes", "show", str(own)])
+    assert isinstance(refused.exception, FinegrainError) and "Unknown recipe key 'retrieval'" in str(refused.exception)
+    wrong = CliRunner().invoke(show, ["recipes", "show", str(own), "--group", "retrival"])
+    assert isinstance(wrong.exception, FinegrainError) and "fgvc, retrieval, backbone" in str(wrong.exception)
 
 
 def test_resume_accepts_only_the_same_recipe() -> None:

@@ -357,6 +357,26 @@ def test_ctrl_c_saves_a_resume_state_mid_epoch(tiny_splits: dict, tmp_path: Path
     assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
 
 
+def test_ctrl_c_while_an_epoch_ends_resumes_exactly(tiny_splits: dict, tmp_path: Path) -> None:
+    reference = make_trainer(tiny_splits, tmp_path / "a")
+    reference.fit()
+
+    def ctrl_c_at_epoch_1(message: str) -> None:  # while epoch 1's row is logged, after its evaluation
+        if message.startswith("epoch 1,"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tiny_splits, tmp_path / "b", echo=ctrl_c_at_epoch_1).fit()
+    state = torch.load(tmp_path / "b" / resume.RESUME_FILE, weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)  # trained, not yet closed
+    resumed = make_trainer(tiny_splits, tmp_path / "b")
+    resumed.fit(resume=True)
+    assert_same_weights(reference.model.state_dict(), resumed.model.state_dict())
+    timing = ("time", "images_per_s")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in resumed.rows] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in reference.rows]
+
+
 def test_resume_refuses_a_missing_or_foreign_state(tiny_splits: dict, tmp_path: Path) -> None:
     with pytest.raises(FinegrainError, match="No resume state"):
         make_trainer(tiny_splits, tmp_path).fit(resume=True)

@@ -42,6 +42,8 @@ def masked_crc32c(data: bytes | bytearray | memoryview) -> int:
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a base-128 varint of at most 64 bits at `pos`; returns (value, next position)."""
+    if pos < len(buf) and buf[pos] < 0x80:  # one byte: most tags, lengths and small numbers
+        return buf[pos], pos + 1
     value = 0
     for shift in range(0, 64, 7):
         if pos >= len(buf):

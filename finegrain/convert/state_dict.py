@@ -17,8 +17,8 @@ def convert_state_dict(path: str | Path, arch: str) -> nn.Module:
     if arch not in SUPPORTED:
         raise FinegrainError(f"--from torchvision|timm supports {', '.join(SUPPORTED)}; got {arch!r}.")
     state, _ = read_weights(path)
-    if "fc.weight" not in state:
-        raise FinegrainError(f"{path} has no fc.weight: not a torchvision/timm ResNet state dict.")
+    if "fc.weight" not in state or state["fc.weight"].ndim != 2:
+        raise FinegrainError(f"{path} has no 2-D fc.weight: not a torchvision/timm ResNet state dict.")
     model = build(arch, num_classes=state["fc.weight"].shape[0])
     load_exact(model, state, path)
     return model.eval()

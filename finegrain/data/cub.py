@@ -26,6 +26,7 @@ def load_cub200(root: Path) -> dict[str, Split]:
     check_unique(((name, line.where) for name, line in classes.values()), "class name")
     entries = []
     for image_id, (path, line) in images.items():
+        image = root / "images" / relative_path(path, line.where)
         if image_id not in labels:
             raise line.error(f"image {image_id} has no line in {labels_path.name}",
                              "Use images.txt and image_class_labels.txt of one download")
@@ -34,7 +35,7 @@ def load_cub200(root: Path) -> dict[str, Split]:
         if class_id not in classes:
             raise label_line.error(f"class {class_id} is not in {classes_path.name}",
                                    "Use image_class_labels.txt and classes.txt of one download")
-        entries.append((root / "images" / relative_path(path, line.where), class_id, line.where))
+        entries.append((image, class_id, line.where))
     return zero_shot(entries, {class_id: name for class_id, (name, _) in classes.items()}, images_path)
 
 

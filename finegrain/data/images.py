@@ -75,23 +75,22 @@ def _open_bounded(path: str) -> Image.Image:
 
 
 def _integer_grey(image: Image.Image, path: str) -> np.ndarray:
-    """16- or 32-bit integer grey scaled to 0..255 by the sample range the file declares."""
+    """16- or 32-bit integer grey scaled to 0..255.
+
+    PIL's 32-bit mode I mostly holds 16-bit samples (16-bit PNG, PGM and TIFF decode to it), so
+    values up to 65535 are scaled as 16-bit, wider ones by the 32-bit range; negative values have
+    no brightness and are refused.
+    """
     values = np.asarray(image)
-    bits, signed = 16, False  # PNG and PGM decode to mode I only from 16-bit samples (PGM rescaled by PIL)
-    tags = getattr(image, "tag_v2", None)  # a TIFF declares BitsPerSample (258) and SampleFormat (339, 2 = signed)
-    if image.mode == "I" and tags is not None:
-        bits, signed = int(_first(tags.get(258, 16))), _first(tags.get(339, 1)) == 2
-        if not 1 <= bits <= 32:
-            raise FinegrainError(f"{path} declares {bits}-bit samples; grey images of 1 to 32 bits are read. "
-                                 f"Save it as an 8- or 16-bit image.")
-        if bits == 32 and not signed:
-            values = values.view(np.uint32)  # PIL holds unsigned 32-bit samples wrapped into int32
-    low = -(1 << (bits - 1)) if signed else 0
-    high = low + (1 << bits) - 1
-    if values.min() < low or values.max() > high:
-        raise FinegrainError(f"{path}: pixel values {values.min()}..{values.max()} do not fit its {bits}-bit samples. "
-                             f"Save it again as an 8- or 16-bit image.")
-    return np.rint((values.astype(np.float32) - low) * np.float32(255 / (high - low))).astype(np.uint8)
+    tags = getattr(image, "tag_v2", None)  # a TIFF: BitsPerSample (258), SampleFormat (339, 2 = signed)
+    if image.mode == "I" and tags is not None and _first(tags.get(258)) == 32 and _first(tags.get(339, 1)) != 2:
+        values = values.view(np.uint32)  # PIL holds unsigned 32-bit samples wrapped into int32
+    low, high = int(values.min()), int(values.max())
+    if low < 0:
+        raise FinegrainError(f"{path} has negative pixel values (down to {low}), which have no brightness. "
+                             f"Save it as an unsigned 8- or 16-bit image.")
+    full = 65535 if high <= 65535 else int(np.iinfo(values.dtype).max)
+    return np.rint(values.astype(np.float32) * np.float32(255 / full)).astype(np.uint8)
 
 
 def _float_grey(image: Image.Image, path: str) -> np.ndarray:

@@ -47,8 +47,9 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
     except OSError as error:
         raise FinegrainError(f"Cannot read {path} ({error.strerror or error}). Check that the file is readable.") from None
     if len(data) > limit:
-        raise FinegrainError(f"{path} is larger than {limit >> 20} MiB, far beyond any {what} of the supported data "
-                             f"sets. {_ORIGINAL}.")
+        size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit:,} bytes"
+        raise FinegrainError(f"{path} is larger than {size}, far beyond any {what} of the supported data sets. "
+                             f"{_ORIGINAL}.")
     return data
 
 

@@ -22,7 +22,9 @@ def load_sop(root: Path) -> dict[str, Split]:
     rows = {split: [_row(root, line) for line in read_lines(path) if not line.text.startswith("image_id ")]
             for split, path in lists.items()}
     check_unique(((str(image), where) for split in rows.values() for image, _, where in split), "image")
-    shared = {class_id: where for image, class_id, where in rows["train"]}
+    shared: dict[int, str] = {}
+    for _, class_id, where in rows["train"]:
+        shared.setdefault(class_id, where)
     leaked = next(((class_id, where) for _, class_id, where in rows["test"] if class_id in shared), None)
     if leaked:
         raise FinegrainError(f"{leaked[1]}: product {leaked[0]} is also in the train split ({shared[leaked[0]]}); "

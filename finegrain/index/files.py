@@ -22,7 +22,7 @@ from finegrain.index.manifest import FLAT_HEADER_BYTES, MAX_TEXT, rebuild_hint, 
 ITEMS_TABLE = ("CREATE TABLE items (id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT, "
                "bytes INTEGER NOT NULL, sha256 TEXT NOT NULL UNIQUE)")
 _ITEMS_SCHEMA = [("table", "items", "items", ITEMS_TABLE), ("index", "sqlite_autoindex_items_1", "items", None)]
-_BAD_ITEM_ROWS = ("SELECT COUNT(*), MIN(id), MAX(id), TOTAL(typeof(path) != 'text' OR length(path) > :text "
+_BAD_ITEM_ROWS = ("SELECT COUNT(DISTINCT id), MIN(id), MAX(id), TOTAL(typeof(path) != 'text' OR length(path) > :text "
                   "OR (label IS NOT NULL AND (typeof(label) != 'text' OR length(label) > :text)) "
                   "OR typeof(bytes) != 'integer' OR bytes < 0 OR typeof(sha256) != 'text' OR length(sha256) != 64 "
                   "OR sha256 GLOB '*[^0-9a-f]*') FROM items")
@@ -45,8 +45,8 @@ def load_embeddings(path: Path, count: int, dim: int, mmap: bool) -> np.ndarray:
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(handle)
-        except (ValueError, TypeError, SyntaxError, KeyError, OverflowError, RecursionError) as error:
-            _fail(path, f"it is not a readable .npy file ({str(error)[:120]})")
+        except Exception as error:  # noqa: BLE001 - numpy's header parser raises many kinds on bad input
+            _fail(path, f"it is not a readable .npy file ({type(error).__name__}: {str(error)[:120]})")
         offset = handle.tell()
     if dtype != np.dtype("<f4") or fortran_order or shape != (count, dim):
         _fail(path, f"it holds {dtype} {shape}{' (Fortran order)' if fortran_order else ''}, the manifest says "

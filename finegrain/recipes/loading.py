@@ -170,11 +170,11 @@ def load_recipe(name: str, overrides: list[str] | None = None, group: str | None
     path = find_recipe(name, group)
     schema = schema or schema_for(recipe_group(path) or group)  # type: ignore[assignment]
     raw = apply_overrides(read_recipe_yaml(path), overrides or [])
-    if "name" not in raw:
-        resolved = path.resolve()
-        raw["name"] = str(resolved.relative_to(RECIPES_DIR).with_suffix("")) \
-            if resolved.is_relative_to(RECIPES_DIR) else path.stem
-    return recipe_from_dict(raw, schema, source=str(path))  # type: ignore[arg-type]
+    resolved = path.resolve()
+    shipped = str(resolved.relative_to(RECIPES_DIR).with_suffix("")) if resolved.is_relative_to(RECIPES_DIR) else None
+    raw.setdefault("name", shipped or path.stem)
+    source = f"recipe {shipped}" if shipped else str(path)
+    return recipe_from_dict(raw, schema, source=source)  # type: ignore[arg-type]
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -146,7 +146,8 @@ def classification_splits(recipe: Recipe, run_dir: str | Path, resume: bool) -> 
     from finegrain.data import load_splits
 
     if not resume and (Path(run_dir) / RESUME_FILE).is_file():
-        raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out.")
+        raise FinegrainError(f"{run_dir} already holds a run. Continue it with --resume, or pick another --out "
+                             f"(or delete {Path(run_dir) / RESUME_FILE} to start again there).")
     root = resolve_data_root(recipe.data.root)
     splits = load_splits(recipe.data.kind, root, **recipe.data.options)
     train, test = splits["train"], splits["test"]

@@ -294,9 +294,9 @@ class Trainer:
                               self.dist)
         bar = tqdm(loader, total=self.steps_per_epoch, initial=skip, leave=False, file=sys.stderr,
                    desc=f"epoch {epoch + 1}/{self.recipe.train.epochs}", disable=not self.progress)
-        images_seen, start, lr = 0, time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+        images_seen, start = 0, time.perf_counter()
         for step, items in enumerate(bar, start=skip):
-            lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_mult"]
+            lr = self._lr(self.global_step)
             loss = self._step(items)
             loss_sum += loss
             self.position = (epoch, step + 1, loss_sum)
@@ -305,9 +305,14 @@ class Trainer:
                             img_s=f"{images_seen / (time.perf_counter() - start):.1f}")
             if step + 1 < self.steps_per_epoch:  # the epoch's end is a boundary of its own, after evaluation
                 self._stop_if_asked()
-        bar.close()
-        return {"epoch": epoch + 1, "loss": loss_sum / self.steps_per_epoch, "lr": lr,
+        bar.close()  # the row's lr is its last step's, even when a resumed epoch had none left to run
+        return {"epoch": epoch + 1, "loss": loss_sum / self.steps_per_epoch, "lr": self._lr(self.global_step - 1),
                 "images_per_s": round(images_seen / max(time.perf_counter() - start, 1e-9), 2)}
+
+    def _lr(self, step: int) -> float:
+        """The scheduled lr of global step `step` (of the default group, what metrics report)."""
+        return (self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)
+                / self.optimizer.param_groups[0]["lr_mult"])
 
     def _step(self, items: list[Tensor]) -> float:
         """One optimisation step, with torch's RNG (DropBlock masks, ...) seeded by its place in the run."""

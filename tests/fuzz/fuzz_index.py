@@ -91,7 +91,8 @@ def _base_files(root: Path, key: str) -> dict[str, bytes]:
 def _setup() -> dict[str, Any]:
     if not _state:
         faiss.omp_set_num_threads(1)
-        root = Path(tempfile.mkdtemp(prefix="fuzz-index-"))
+        # in memory where possible: rewriting a file on ext4 flushes it to disk at close (auto_da_alloc)
+        root = Path(tempfile.mkdtemp(prefix="fuzz-index-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         _state.update(root=root, work=root / "work", bases=[_base_files(root, key) for key in BASES],
                       queries=_vectors()[::7] + 0.01)
     return _state
@@ -213,7 +214,8 @@ def main() -> None:
         return
     import atheris
 
-    atheris.Setup([sys.argv[0], *sys.argv[1:], str(CORPUS)], one_input)
+    found = tempfile.mkdtemp(prefix="fuzz-index-corpus-")  # libFuzzer adds new inputs to the first folder
+    atheris.Setup([sys.argv[0], *sys.argv[1:], found, str(CORPUS)], one_input)
     atheris.Fuzz()
 
 
