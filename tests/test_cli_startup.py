@@ -1,5 +1,6 @@
-"""`finegrain --help`, every command's `--help` and a mistyped option answer without loading the
-heavy libraries (torch alone takes seconds and a gigabyte), and switches show as switches."""
+"""What a user meets first: `finegrain --help`, every command's `--help` and a mistyped option
+answer without loading the heavy libraries (torch alone takes seconds and a gigabyte), switches
+show as switches, and `finegrain bench` says what it is doing while it runs."""
 from __future__ import annotations
 
 import json
@@ -64,3 +65,21 @@ def test_switches_show_without_a_value_placeholder(report):
             assert "<bool>" not in output, (name, output)
     quiet = next(line for line in answers["eval --help"][1].splitlines() if "--quiet" in line)
     assert quiet.split() == ["--quiet", "No", "progress", "bar"]
+
+
+def test_bench_reports_each_model_its_warm_up_and_timing_loop_on_stderr():
+    from typer.testing import CliRunner
+
+    from finegrain.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "assemble_resnet50", "--base-width", "8", "--resolution", "32",
+                                      "--batch", "1", "--iterations", "2", "--fast"], prog_name="finegrain")
+    assert result.exit_code == 0, result.output
+    progress = " ".join(result.stderr.split())  # rich wraps long lines at the terminal width
+    expected = ["[1/3] torchvision resnet50: warm-up", "[1/3] torchvision resnet50: warm-up took",
+                "timing 2 batches", "[2/3] assemble_resnet50: warm-up", "[3/3] assemble_resnet50 fast path FP32: "
+                "warm-up"]
+    positions = [progress.find(line) for line in expected]
+    assert -1 not in positions and positions == sorted(positions), progress
+    # The figures go to stdout, the progress does not.
+    assert "fast path FP32" in result.stdout and "warm-up" not in result.stdout

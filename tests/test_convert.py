@@ -266,3 +266,11 @@ def test_crafted_torchvision_state_dict_fails_clearly(tmp_path, change, match):
     assert result.exit_code != 0 and isinstance(result.exception, FinegrainError), result.output
     assert re.search(match, str(result.exception)), result.exception
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_state_dict_without_from_is_pointed_to_it(tmp_path):
+    path = tmp_path / "tv.pth"
+    torch.save({"fc.weight": torch.zeros(2, 3)}, path)
+    result = CliRunner().invoke(app, ["convert", str(path), "--arch", "resnet50", "--out", str(tmp_path / "o.safetensors")])
+    assert isinstance(result.exception, FinegrainError)
+    assert re.search(r"tv\.pth looks like a PyTorch state dict.*--from torchvision", str(result.exception))

@@ -238,7 +238,7 @@ BAD_LAYOUTS = [
     ("sop", _nested, {}, r"Missing .*Ebay_train.txt.*Products/Ebay_train.txt exists: pass --data .*Online_Products"),
     ("cars196", _bad_mat, {}, r"Cannot read .*cars_annos.mat as a MATLAB file"),
     ("pets", lambda root: [_write(root / "annotations" / f"{n}.txt", ["x_1 one 1 1"]) for n in ("trainval", "test")],
-     {}, r"expected an integer in line 'x_1 one 1 1'"),
+     {}, r"trainval.txt, line 1 \('x_1 one 1 1'\): CLASS-ID must be a whole number"),
 ]
 
 

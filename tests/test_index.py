@@ -241,6 +241,9 @@ def test_bad_memory_sizes_and_index_keys_are_explained():
     assert parse_memory("4G") == 4 << 30 and parse_memory("1.5g") == 3 << 29 and parse_memory("512MiB") == 512 << 20
     with pytest.raises(FinegrainError, match="Write it like 512M"):
         parse_memory("lots")
+    for empty_or_huge in ("0", "0.1", "9" * 400 + "T"):
+        with pytest.raises(FinegrainError, match="is not between 1 byte and 1 EiB"):
+            parse_memory(empty_or_huge)
     vectors = np.eye(64, 16, dtype=np.float32).repeat(4, axis=0)
     with pytest.raises(FinegrainError, match="cannot build 'IVFx,Flat'"):
         build_tuned_index(vectors, index_key="IVFx,Flat", progress=False)

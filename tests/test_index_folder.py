@@ -185,9 +185,14 @@ def test_embeddings_of_object_dtype_wrong_shape_or_nan_are_refused(flat):
     np.save(target, vectors)
     _rehash(flat)
     _refused(flat, "embeddings.npy: it holds NaN")
-    target.write_bytes(b"\x93NUMPY\x01\x00" + b"x" * (len(target.read_bytes()) - 8))
+    size = len(target.read_bytes())
+    target.write_bytes(b"\x93NUMPY\x01\x00" + b"x" * (size - 8))
     _rehash(flat)
     _refused(flat, "embeddings.npy: it is not a readable .npy file")
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1d+6e9"  # unbalanced: a tokenizer error
+    target.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + header.ljust(117) + b"\n" + bytes(size - 128))
+    _rehash(flat)
+    _refused(flat, "embeddings.npy: it is not a readable .npy file \\(TokenError")
 
 
 def test_items_that_are_empty_not_sqlite_or_of_another_schema_are_refused(flat, tmp_path):
@@ -210,6 +215,17 @@ def test_items_that_are_empty_not_sqlite_or_of_another_schema_are_refused(flat, 
     db.close()
     _rehash(flat)
     _refused(flat, "items.sqlite: its tables are not the items table finegrain writes")
+    target.write_bytes(original)
+    with sqlite3.connect(target) as db:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    data = bytearray(original)
+    leaf = next(start for start in range(page_size, len(data), page_size) if data[start] == 0x0D)  # table leaf
+    first, second = leaf + 8, leaf + 10  # its first two cell pointers, swapped: rowids out of order
+    data[first:first + 2], data[second:second + 2] = data[second:second + 2], data[first:first + 2]
+    target.write_bytes(bytes(data))
+    _rehash(flat)
+    _refused(flat, "items.sqlite: it fails SQLite's integrity check .*out of order")
     target.write_bytes(b"SQLite format 3\x00" + os.urandom(4096))
     _rehash(flat)
     _refused(flat, "items.sqlite: (SQLite cannot read it|its tables are not)")

@@ -28,6 +28,9 @@ from finegrain.models.metadata import parse_metadata, to_metadata
 from finegrain.preprocessing import Preprocessing
 from test_trainer import make_tiny_folder
 
+APP = typer.Typer()
+APP.command("fgvc")(fgvc_cli.fgvc)
+APP.command("robustness")(robustness_cli.robustness)
 TINY = ["--set", "model.overrides.base_width=4", "--set", "data.train_size=32", "--set", "data.eval_resize=32",
         "--set", "data.eval_crop=32", "--set", "train.batch_size=8", "--set", "train.epochs=1", "--quiet"]
 
@@ -228,11 +231,8 @@ def test_fgvc_from_converted_file_records_its_data_and_robustness_reads_it(tmp_p
     data = make_tiny_folder(tmp_path / "tiny")
     converted = finegrain.create_model("resnet50", num_classes=1000, base_width=4)
     weights = save_model(converted, tmp_path / "r50.safetensors", source="r50.pth", source_kind="torchvision")
-    app = typer.Typer()
-    app.command("fgvc")(fgvc_cli.fgvc)
-    app.command("robustness")(robustness_cli.robustness)
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["fgvc", "--recipe", "demo", "--data", str(data), "--weights", str(weights),
+    result = CliRunner().invoke(APP, ["fgvc", "--recipe", "demo", "--data", str(data), "--weights", str(weights),
                                       "--out", str(run), *TINY])
     assert result.exit_code == 0, result.output
     assert "resnet50" in result.output and "as recorded in" in result.output
@@ -244,20 +244,18 @@ def test_fgvc_from_converted_file_records_its_data_and_robustness_reads_it(tmp_p
         assert (run / name).stat().st_mode & 0o777 == 0o644 & ~_umask()
     quick = ["--corruptions", "gaussian_noise", "--severities", "1", "--frames", "0", "--max-images", "1",
              "--throughput-iters", "0", "--workers", "0", "--device", "cpu", "--cache", str(tmp_path / "cache")]
-    measured = CliRunner().invoke(app, ["robustness", "--weights", str(run / "last.safetensors"), *quick])
+    measured = CliRunner().invoke(APP, ["robustness", "--weights", str(run / "last.safetensors"), *quick])
     assert measured.exit_code == 0, measured.output
     written = json.loads((run / "last.robustness.json").read_text())
     assert written["data"]["root"] == str(data.resolve()) and "recorded in the weights" in measured.output
     moved = tmp_path / "moved"
     data.rename(moved)
-    refused = CliRunner().invoke(app, ["robustness", "--weights", str(run / "last.safetensors"), *quick])
+    refused = CliRunner().invoke(APP, ["robustness", "--weights", str(run / "last.safetensors"), *quick])
     assert isinstance(refused.exception, FinegrainError) and "Pass --data DIR" in str(refused.exception)
 
 
 def test_fgvc_demo_from_scratch_does_not_shout(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command("fgvc")(fgvc_cli.fgvc)
-    result = CliRunner().invoke(app, ["fgvc", "--recipe", "demo", "--data", str(make_tiny_folder(tmp_path / "t")),
+    result = CliRunner().invoke(APP, ["fgvc", "--recipe", "demo", "--data", str(make_tiny_folder(tmp_path / "t")),
                                       "--out", str(tmp_path / "run"), *TINY])
     assert result.exit_code == 0, result.output
     assert "RANDOM INITIALISATION" not in result.output

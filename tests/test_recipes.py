@@ -94,7 +94,8 @@ def test_int_widens_to_float_but_bool_is_not_a_number() -> None:
     ("data.crop_min_area=0", "data.crop_min_area"),
     ("train.epochs=0", "train.epochs"), ("train.batch_size=0", "train.batch_size"),
     ("train.eval_batch_size=0", "train.eval_batch_size"), ("train.threads=0", "train.threads"),
-    ("train.workers=-1", "train.workers"), ("train.accumulate_steps=0", "train.accumulate_steps"),
+    ("train.workers=-1", "train.workers"), ("train.workers=80000", "train.workers"),
+    ("train.threads=100000", "train.threads"), ("train.accumulate_steps=0", "train.accumulate_steps"),
     ("train.seed=-1", "train.seed"), ("train.seed=18446744073709551616", "train.seed"),
     ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"), ("schedule.final_lr=-0.1", "schedule.final_lr"),
     ("regularization.mixup.alpha=0", "regularization.mixup.alpha"),
@@ -110,6 +111,9 @@ def test_int_widens_to_float_but_bool_is_not_a_number() -> None:
     ("model.overrides.layers=3", "model.overrides.layers"),
     ("model.overrides.se_reduction=0", "model.overrides.se_reduction"),
     ("model.overrides={1: 2}", "model.overrides"),
+    ("data.options={split: {2001-01-01: a}}", "data.options.split"),
+    ("data.options={first: 2001-01-01}", "data.options.first"),
+    ("data.root=!!binary aGk=", "data.root"),
 ])
 def test_values_out_of_range_are_refused(assignment: str, key: str) -> None:
     with pytest.raises(FinegrainError) as error:

@@ -159,6 +159,22 @@ def test_recipe_rejects_what_retrieval_cannot_do(section, problem):
         recipe_from_dict({"train": {"batch_size": 32}, **section}, RetrievalRecipe)
 
 
+def test_zero_shot_split_by_named_test_classes():
+    """The demo's fine-grained split: unseen apple varieties are the test classes, their images
+    pooled from train/ and test/; every other class trains."""
+    unseen = ["Golden 2", "Braeburn", "Golden 2"]
+    splits = load_splits("folder_zeroshot", DEMO_ROOT, test_classes=unseen)
+    assert splits["test"].classes == ["Braeburn", "Golden 2"] and len(splits["test"]) == 2 * 34
+    assert len(splits["train"].classes) == 14 and not set(splits["train"].classes) & {"Braeburn", "Golden 2"}
+    for options, problem in [({"test_classes": ["Golden 9"]}, "'Golden 9'.*no class folder"),
+                             ({"test_classes": "Braeburn"}, "non-empty list"),
+                             ({"test_classes": []}, "non-empty list"),
+                             ({"test_classes": ["Braeburn"], "test_fraction": 0.5}, "either test_classes or"),
+                             ({"test_classes": splits["train"].classes + unseen}, "leaving none to train")]:
+        with pytest.raises(FinegrainError, match=problem):
+            load_splits("folder_zeroshot", DEMO_ROOT, **options)
+
+
 def test_m_per_class_batches_are_class_balanced_and_resumable():
     split = load_splits("folder_zeroshot", DEMO_ROOT)["train"]
     batches = MPerClassBatches(split, m=4, batch_size=16, seed=3)

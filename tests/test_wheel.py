@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import finegrain
 from finegrain.recipes import RECIPES_DIR, list_recipes
 
-CHECKOUT = Path(finegrain.__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parent.parent  # the sources the wheel is built from
 DEMO = CHECKOUT / "finegrain" / "data" / "demo"
 
 

@@ -31,6 +31,9 @@ def convert(
         from finegrain.convert.release import convert_release, drop_background as strip
         from finegrain.convert.tf_bundle import resolve_prefix
 
+        if source.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            raise FinegrainError(f"{source} looks like a PyTorch state dict, not a TF1 checkpoint. Add --from "
+                                 "torchvision or --from timm (or pass the TF checkpoint's prefix).")
         prefix = resolve_prefix(source)  # the folder, the prefix, its .index or a .data-* file
         model = convert_release(prefix, arch, use_ema=ema)
         if drop_background:

@@ -10,7 +10,7 @@ import typer
 from finegrain.errors import FinegrainError
 
 # The kinds finegrain.data registers, spelled out so that --help need not import the readers
-# (tests/test_data.py keeps them in step with finegrain.data.kinds()); folder first, for one's own photos.
+# (tests/test_data_inputs.py keeps them in step with finegrain.data.kinds()); folder first, for one's own photos.
 CLASSIFICATION_KINDS = ("folder", "food101", "cars196", "flowers102", "aircraft", "pets")
 RETRIEVAL_KINDS = ("folder_zeroshot", "cub200", "cars196_retrieval", "sop")
 OWN_FOLDERS = "your own class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ and ROOT/test/<class>/)"

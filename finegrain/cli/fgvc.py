@@ -15,8 +15,9 @@ def fgvc(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe name (food101, cars196, flowers102, "
                                          "aircraft, pets, demo) or a .yaml path; with --resume the run's own "
                                          "recipe is the default"),
-    kind: Optional[str] = typer.Option(None, "--kind", help=f"Data set kind (sets data.kind): folder for {OWN_FOLDERS}; "
-                                       f"or a public data set as downloaded: {', '.join(CLASSIFICATION_KINDS[1:])}"),
+    kind: Optional[str] = typer.Option(None, "--kind", help=f"Data set kind (sets data.kind): folder for "
+                                       f"{OWN_FOLDERS}; or a public data set as downloaded: "
+                                       f"{', '.join(CLASSIFICATION_KINDS[1:])}"),
     data: Optional[Path] = typer.Option(None, "--data", help="Data set folder (sets data.root)"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights to warm-start from "
                                            "(sets model.weights; our safetensors or a plain state dict)"),

@@ -82,7 +82,8 @@ def _timed(step: str, net: torch.nn.Module, resolution: int, batch: int, device:
     start = time.perf_counter()
     measure_throughput(net, resolution, batch, device, channels_last, warmup=0, iterations=1)
     seconds = time.perf_counter() - start
-    echo(f"{step}: warm-up took {seconds:.1f} s; timing {iterations} batches (about {iterations * seconds:.0f} s) ...")
+    batches = f"{iterations} batch" + ("es" if iterations > 1 else "")
+    echo(f"{step}: warm-up took {seconds:.1f} s; timing {batches} (about {iterations * seconds:.0f} s) ...")
     rate = measure_throughput(net, resolution, batch, device, channels_last, warmup=0, iterations=iterations)
     echo(f"{step}: {rate:.1f} images/s")
     return rate

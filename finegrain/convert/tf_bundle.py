@@ -39,7 +39,7 @@ TF1_SAVE_HINT = (
     "using the release graph's variable names (e.g. 'resnet_model/stage0/conv2d/kernel')"
 )
 # Sane limits, far above any real checkpoint (the index of 100,000 variables is ~6 MB).
-MAX_INDEX_BYTES = 64 << 20
+MAX_INDEX_BYTES = 16 << 20
 MAX_SHARDS = 99_999  # DataFilename writes the shard count with five digits
 MAX_RANK = 32  # numpy's oldest supported limit; TF weights have rank <= 5
 MAX_ELEMENTS = 1 << 40  # per tensor, counting empty dimensions as 1
@@ -140,11 +140,12 @@ def entry_problem(entry: BundleEntry, num_shards: int) -> str | None:
         return None  # a partitioned variable's entry holds no bytes; its shape is checked later
     if not 0 <= entry.shard_id < num_shards:
         return f"names shard {entry.shard_id} of {num_shards}"
-    itemsize = 2 if entry.tf_dtype == DT_BFLOAT16 else getattr(NUMPY_DTYPES.get(entry.tf_dtype), "itemsize", None)
-    if itemsize is not None and entry.size != entry.num_elements * itemsize:
-        return (f"has {entry.size} bytes but shape {list(entry.shape)} of {dtype_name(entry.tf_dtype)} needs "
-                f"{entry.num_elements * itemsize}")
-    if itemsize is None and entry.num_elements * MIN_BYTES_PER_ELEMENT > entry.size:
+    if entry.tf_dtype == DT_BFLOAT16 or entry.tf_dtype in NUMPY_DTYPES:
+        itemsize = 2 if entry.tf_dtype == DT_BFLOAT16 else NUMPY_DTYPES[entry.tf_dtype].itemsize
+        if entry.size != entry.num_elements * itemsize:
+            return (f"has {entry.size} bytes but shape {list(entry.shape)} of {dtype_name(entry.tf_dtype)} "
+                    f"needs {entry.num_elements * itemsize}")
+    elif entry.num_elements * MIN_BYTES_PER_ELEMENT > entry.size:
         return f"has shape {list(entry.shape)}, more elements than its {entry.size} bytes can hold"
     return None
 
@@ -208,18 +209,17 @@ class TensorBundle:
                 f"{self.index_path} is {self.index_path.stat().st_size} bytes, more than any TF checkpoint "
                 f"index ({MAX_INDEX_BYTES >> 20} MiB). Pass the small .index file of a TF1 checkpoint."
             )
-        self.index_bytes = self.index_path.read_bytes()
         self._entries: dict[str, BundleEntry] = {}
-        self.num_shards = self._parse_index()
+        self.num_shards = self._parse_index(self.index_path.read_bytes())
         self._check_not_object_based()
         self._shards: dict[int, BinaryIO] = {}
         self._check_shards()
 
-    def _parse_index(self) -> int:
+    def _parse_index(self, data: bytes) -> int:
         """Fill self._entries from the index, checking each entry as it comes; returns the shard count."""
         name = ""
         try:
-            items = read_table(self.index_bytes, self.verify_checksums)
+            items = read_table(data, self.verify_checksums)
             key, header_value = next(items, (None, b""))
             if key != b"":
                 raise FinegrainError(

@@ -98,8 +98,8 @@ def _check_kind(kind: str) -> str:
 
 
 # Who points a public data set's kind at their own class folders should learn the way to read them.
-OWN_FOLDERS_HINT = ("If it holds your own images in class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ and "
-                    "ROOT/test/<class>/), read it as data kind folder: --kind folder, or --set data.kind=folder")
+_OWN_FOLDERS_HINT = ("If {root} holds your own images in class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ "
+                    "and ROOT/test/<class>/), read it as data kind folder: --kind folder, or --set data.kind=folder")
 
 
 def require_file(root: Path, relative: str, kind: str) -> Path:
@@ -110,7 +110,7 @@ def require_file(root: Path, relative: str, kind: str) -> Path:
     children = sorted(child for child in root.iterdir() if child.is_dir()) if root.is_dir() else []
     nested = [child for child in children if (child / relative).is_file()]
     fix = (f"{nested[0] / relative} exists: pass --data {nested[0]}" if nested
-           else f"Point --data at the folder that holds {relative}. {OWN_FOLDERS_HINT}")
+           else f"Point --data at the folder that holds {relative}. {_OWN_FOLDERS_HINT.format(root=root)}")
     raise FinegrainError(f"Missing {path}. The {kind} data set must be laid out as: {layout_of(kind)}. {fix}.")
 
 

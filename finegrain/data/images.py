@@ -23,18 +23,14 @@ class BadImageWarning(UserWarning):
     """An image file could not be decoded and was skipped."""
 
 
-def decode_rgb(path: str) -> np.ndarray:
+def decode_rgb(path: str, draft: tuple[int, int] | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB array of an image file (a writable copy: torch.from_numpy needs one).
 
     Any mode PIL reads: grey, palette, alpha (dropped), CMYK, YCbCr, LAB; 16-bit and 32-bit grey
     and float images are scaled to 8 bits from their true range (PIL's own convert clips them, so
     a 16-bit PNG would turn white). Images over PIL's pixel limit are refused before decoding.
+    `draft` decodes JPEGs at reduced scale, for a quick check that the whole file decodes.
     """
-    return _decode(path)
-
-
-def _decode(path: str, draft: tuple[int, int] | None = None) -> np.ndarray:
-    """`decode_rgb`, optionally at reduced scale (JPEG draft mode) for a quick full-file check."""
     with _open_bounded(path) as image:
         if draft is not None:
             image.draft("RGB", draft)
@@ -178,7 +174,7 @@ class ImageDataset(Dataset):
 def _is_decodable(path: str) -> bool:
     """Decode as training would, but JPEGs at reduced scale (draft mode): truncation is still caught, 8x faster."""
     try:
-        _decode(path, draft=(64, 64))
+        decode_rgb(path, draft=(64, 64))
         return True
     except Exception:  # noqa: BLE001 - any decoder failure means "bad image"
         return False

@@ -45,7 +45,8 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
         with path.open("rb") as stream:
             data = stream.read(limit + 1)
     except OSError as error:
-        raise FinegrainError(f"Cannot read {path} ({error.strerror or error}). Check that the file is readable.") from None
+        raise FinegrainError(f"Cannot read {path} ({error.strerror or error}). Check that the file is "
+                             f"readable.") from None
     if len(data) > limit:
         size = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit:,} bytes"
         raise FinegrainError(f"{path} is larger than {size}, far beyond any {what} of the supported data sets. "

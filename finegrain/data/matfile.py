@@ -29,7 +29,10 @@ MAX_DEPTH = 16
 _MAX_DIMS = 32
 
 _MI_INT8, _MI_INT32, _MI_UINT32, _MI_MATRIX, _MI_COMPRESSED = 1, 5, 6, 14, 15
-_MX_CELL, _MX_STRUCT, _MX_OBJECT, _MX_CHAR, _MX_SPARSE, _MX_UINT64 = 1, 2, 3, 4, 5, 15
+_MX_CELL, _MX_STRUCT, _MX_OBJECT, _MX_CHAR, _MX_UINT64 = 1, 2, 3, 4, 15
+# Types a data part may have (ints, floats, UTF-8/16/32): scipy indexes a table with the type
+# unchecked, so one flipped type byte would crash the interpreter.
+_DATA_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16, 17, 18})
 _ORIGINAL = "Download the data set again; its original file is expected"
 
 
@@ -43,21 +46,22 @@ class _Walk:
     def __init__(self, order: str) -> None:
         self.order = order
         self.elements = 0
+        self._pair = struct.Struct(order + "II").unpack_from  # the walk visits every element: keep it lean
+        self._dims = struct.Struct(order + "ii").unpack_from
 
     def tag(self, buf: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
         """(type, byte count, data start, next element) of the element tag at `pos`."""
         if pos + 8 > end:
             raise _Malformed(f"an element tag at byte {pos} runs past the end")
-        first, second = struct.unpack_from(self.order + "II", buf, pos)
+        first, second = self._pair(buf, pos)
         if first >> 16:  # small data element: up to 4 bytes packed into the tag
-            kind, count = first & 0xFFFF, first >> 16
-            if count > 4:
-                raise _Malformed(f"a small element at byte {pos} declares {count} bytes (at most 4)")
-            return kind, count, pos + 4, pos + 8
+            if first >> 16 > 4:
+                raise _Malformed(f"a small element at byte {pos} declares {first >> 16} bytes (at most 4)")
+            return first & 0xFFFF, first >> 16, pos + 4, pos + 8
         if second > end - pos - 8:
             raise _Malformed(f"an element at byte {pos} declares {second:,} bytes; only {end - pos - 8:,} follow")
-        start = pos + 8
-        return first, second, start, min(start + second + (-second) % 8, end)
+        after = pos + 8 + second + (-second & 7)
+        return first, second, pos + 8, after if after < end else end
 
     def matrix(self, buf: bytes, start: int, end: int, depth: int) -> None:
         """Check one miMATRIX body: flags, dimensions, name, then its class's content."""
@@ -71,34 +75,43 @@ class _Walk:
         kind, count, data, pos = self.tag(buf, start, end)
         if kind != _MI_UINT32 or count != 8:
             raise _Malformed(f"the array at byte {start} has no array-flags element")
-        array_class = struct.unpack_from(self.order + "I", buf, data)[0] & 0xFF
+        array_class = self._pair(buf, data)[0] & 0xFF
         kind, count, data, pos = self.tag(buf, pos, end)
         if kind != _MI_INT32 or count % 4 or not 8 <= count <= 4 * _MAX_DIMS:
             raise _Malformed(f"the array at byte {start} has no valid dimensions element")
-        dims = struct.unpack_from(f"{self.order}{count // 4}i", buf, data)
+        dims = self._dims(buf, data) if count == 8 else struct.unpack_from(f"{self.order}{count // 4}i", buf, data)
         if min(dims) < 0:
             raise _Malformed(f"the array at byte {start} has a negative dimension {min(dims)}")
         size = math.prod(dims)
-        pos = self.tag(buf, pos, end)[3]  # the array's name
+        pos = self.text(buf, pos, end, start)  # the array's name
         if array_class in (_MX_STRUCT, _MX_OBJECT):
             if array_class == _MX_OBJECT:
-                pos = self.tag(buf, pos, end)[3]  # the class name
+                pos = self.text(buf, pos, end, start)  # the class name
             kind, count, data, pos = self.tag(buf, pos, end)
             if kind != _MI_INT32 or count != 4:
                 raise _Malformed(f"the struct at byte {start} has no field-name length")
             name_length = struct.unpack_from(self.order + "i", buf, data)[0]
             kind, count, data, pos = self.tag(buf, pos, end)
-            if name_length < 1 or count % name_length:
+            if kind != _MI_INT8 or name_length < 1 or count % name_length:
                 raise _Malformed(f"the struct at byte {start} has malformed field names")
             self.children(buf, pos, end, size * (count // name_length), depth)
         elif array_class == _MX_CELL:
             self.children(buf, pos, end, size, depth)
         elif _MX_CHAR <= array_class <= _MX_UINT64:
             while pos < end:  # data parts (real, imaginary; sparse indices): each must fit
-                pos = self.tag(buf, pos, end)[3]
+                kind, _, _, pos = self.tag(buf, pos, end)
+                if kind not in _DATA_TYPES:
+                    raise _Malformed(f"the array at byte {start} holds data of unknown type {kind}")
         else:
             raise _Malformed(f"the array at byte {start} is of MATLAB class {array_class} (function handles and "
                              f"objects are not data)")
+
+    def text(self, buf: bytes, pos: int, end: int, start: int) -> int:
+        """Skip an int8 text element (a name), returning the next position."""
+        kind, _, _, after = self.tag(buf, pos, end)
+        if kind != _MI_INT8:
+            raise _Malformed(f"the array at byte {start} has a name of type {kind}, not int8 text")
+        return after
 
     def children(self, buf: bytes, pos: int, end: int, count: int, depth: int) -> None:
         """`count` nested arrays (cells, struct fields), checked to fit before any is read."""

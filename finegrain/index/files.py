@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from finegrain.errors import FinegrainError
-from finegrain.index.manifest import FLAT_HEADER_BYTES, MAX_TEXT, rebuild_hint, tunable_parameter
+from finegrain.index.manifest import FLAT_HEADER_BYTES, MAX_TEXT, TUNABLE, rebuild_hint, tunable_parameter
 
 ITEMS_TABLE = ("CREATE TABLE items (id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT, "
                "bytes INTEGER NOT NULL, sha256 TEXT NOT NULL UNIQUE)")
@@ -84,6 +84,10 @@ def open_items(path: Path, count: int) -> sqlite3.Connection:
         schema = db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name").fetchall()
         if schema != _ITEMS_SCHEMA:
             _fail(path, "its tables are not the items table finegrain writes")
+        problems = db.execute("PRAGMA quick_check(3)").fetchall()  # b-tree order: lookups by id must work
+        if problems != [("ok",)]:
+            found = "; ".join(str(row[0]).replace("*** in database main ***", "").strip() for row in problems)
+            _fail(path, f"it fails SQLite's integrity check ({' '.join(found.split())[:200]})")
         rows, low, high, bad = db.execute(_BAD_ITEM_ROWS, {"text": MAX_TEXT}).fetchone()
         if bad:
             _fail(path, f"{int(bad)} rows have a path, label, size or SHA-256 of the wrong type or form")
@@ -149,8 +153,12 @@ def _kind(index: faiss.Index) -> str:
 def _check_type(index: faiss.Index, key: str, parameters: dict[str, int], path: Path) -> None:
     """The index is of the kind the manifest's key names, so its search parameter means what it says."""
     found = _kind(index)
-    expected = "Flat" if key == "Flat" else {"nprobe": "IVF", "efSearch": "HNSW"}.get(tunable_parameter(key) or "")
-    if found != expected if expected else found in ("Flat", "IVF", "HNSW"):
+    expected = "Flat" if key == "Flat" else TUNABLE.get(tunable_parameter(key) or "")
+    if expected is None:  # a key without a search parameter (PQ, LSH, ...) names none of the three
+        mismatch = found in ("Flat", "IVF", "HNSW")
+    else:
+        mismatch = found != expected
+    if mismatch:
         _fail(path, f"it is a {found} index, the manifest says {key!r}")
     nlist = faiss.extract_index_ivf(index).nlist if found == "IVF" else 0
     if parameters.get("nprobe", 1) > max(nlist, 1):

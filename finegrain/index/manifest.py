@@ -172,7 +172,7 @@ def _check_index(index: dict, count: int, path: Path) -> str:
     _number(_entry(index, "recall", "index", path), "index.recall", path, 0.0, 1.0)
     _int(_entry(index, "recall_k", "index", path), "index.recall_k", path, 1, count)
     _int(_entry(index, "queries", "index", path), "index.queries", path, 0, count)
-    _int(_entry(index, "max_memory", "index", path), "index.max_memory", path, 1, MAX_FILE_BYTES)
+    _int(_entry(index, "max_memory", "index", path), "index.max_memory", path, 1, 1 << 60)
     for name in ("latency_ms", "single_query_latency_ms", "exact_latency_ms", "exact_single_query_latency_ms"):
         _number(_entry(index, name, "index", path), f"index.{name}", path, 0.0, 1e9)
     points = _entry(index, "points", "index", path)
@@ -208,7 +208,8 @@ def _check_files(files: dict, count: int, dim: int, key: str, path: Path) -> Non
     for name in REQUIRED_FILES:
         entry = _dict(files[name], f"files.{name}", path)
         _text(_entry(entry, "sha256", f"files.{name}", path), f"files.{name}.sha256", path, _SHA256)
-        sizes[name] = _int(_entry(entry, "bytes", f"files.{name}", path), f"files.{name}.bytes", path, 0, MAX_FILE_BYTES)
+        size = _entry(entry, "bytes", f"files.{name}", path)
+        sizes[name] = _int(size, f"files.{name}.bytes", path, 0, MAX_FILE_BYTES)
     vector_bytes = 4 * count * dim
     if not 0 < sizes[EMBEDDINGS_FILE] - vector_bytes <= MAX_NPY_HEADER_BYTES:
         _fail(path, f"files.{EMBEDDINGS_FILE}.bytes is {sizes[EMBEDDINGS_FILE]}, which cannot hold {count} x {dim} "
@@ -223,7 +224,11 @@ def _check_files(files: dict, count: int, dim: int, key: str, path: Path) -> Non
 def manifest_bytes(manifest: dict[str, Any]) -> tuple[bytes, bytes]:
     """manifest.json and manifest.sha256 as written (the manifest is checked first, as a reader would)."""
     text = json.dumps(manifest, indent=2).encode()
-    check_manifest(json.loads(text), Path(MANIFEST))
+    try:
+        check_manifest(json.loads(text), Path(MANIFEST))
+    except FinegrainError as error:
+        raise FinegrainError(f"Refusing to write an index manifest that would not load: {error} "
+                             "This is a bug; please report it.") from None
     return text, f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n".encode()
 
 

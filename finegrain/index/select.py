@@ -26,6 +26,7 @@ from finegrain.errors import FinegrainError
 EXACT_WORK_LIMIT = 1 << 25
 _IVF_IDS_BYTES = 8  # an IVF list stores an int64 id next to each code
 _ADD_CHUNK = 65536
+MAX_MEMORY = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,18 @@ class TuneReport:
 def parse_memory(text: str | int) -> int:
     """'4G', '512M', '1.5GB', '123456' -> bytes (binary units, as faiss and autofaiss use)."""
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)i?B?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise FinegrainError(f"Cannot read the memory size {text!r}. Write it like 512M, 4G or 1.5T.")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)i?B?\s*", str(text), flags=re.IGNORECASE)
+        if not match:
+            raise FinegrainError(f"Cannot read the memory size {text!r}. Write it like 512M, 4G or 1.5T.")
+        scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+        value = float(match.group(1)) * scale
+        size = int(value) if value < MAX_MEMORY else MAX_MEMORY + 1
+    if not 1 <= size <= MAX_MEMORY:
+        raise FinegrainError(f"The memory size {text!r} is not between 1 byte and 1 EiB. "
+                             "Write it like 512M, 4G or 1.5T.")
+    return size
 
 
 def _nlist_for(count: int) -> int:

@@ -139,7 +139,8 @@ class IndexFolder:
             found.update({row[0]: Item(*row) for row in self._query(query, part)})
         missing = next((i for i in ids if i not in found), None)
         if missing is not None:  # a damaged b-tree can hide a row that a full scan counted
-            raise FinegrainError(f"{self.root / ITEMS_FILE} has no item for vector {missing}. {rebuild_hint(self.root)}")
+            raise FinegrainError(f"{self.root / ITEMS_FILE} has no item for vector {missing}. "
+                                 f"{rebuild_hint(self.root)}")
         return [found[i] for i in ids]
 
     def all_items(self) -> list[Item]:

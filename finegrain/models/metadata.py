@@ -56,7 +56,7 @@ FIX = "The file is damaged or was edited: re-create it, or download it again."
 _COUNT = re.compile(r"[0-9]{1,9}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_@.\-]{0,99}")
+_METRIC_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")  # top1, recall@1, map@r, train_loss ...
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def parse_metadata(metadata: dict[str, str], source: str | Path) -> CheckpointIn
             if name is not None:
                 values[name] = _FIELDS[name][2](text)
             elif key.startswith(METRIC):
-                if not _NAME.fullmatch(key[len(METRIC):]):
+                if not _METRIC_NAME.fullmatch(key[len(METRIC):]):
                     raise _Bad("names no metric")
                 values["metrics"][key[len(METRIC):]] = _metric(text)
             else:
@@ -337,9 +337,12 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     path = Path(path)
     if not path.is_file():
         raise FinegrainError(f"Weights file {path} does not exist. Pass the path of a .safetensors or .pth file.")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        size = path.stat().st_size
+    except OSError as error:
+        raise FinegrainError(f"{path} cannot be read ({error.strerror}). Check its permissions.") from None
     if len(head) < 8:
         raise FinegrainError(f"{path} is too short to be a safetensors file ({size} bytes). {FIX}")
     (length,) = struct.unpack("<Q", head)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 # a network millions of channels wide). Generous: the paper's largest image side is 448.
 MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**31  # numpy's seeds stop at 2**32, and the loaders multiply the seed
+MAX_PROCESSES = 1024  # loader workers or threads: a typo must not fork thousands of processes
 # model.overrides keys the registered families share, with bounds far beyond any real network.
 # The model's own config checks the rest when it is built; these fail before a run starts.
 MODEL_OVERRIDE_BOUNDS = {"base_width": (1, 1024), "embedding_size": (0, 65536), "se_reduction": (1, 1024),
@@ -179,8 +180,9 @@ class Recipe:
             (train.batch_size < 1, "train.batch_size", "at least 1"),
             (train.eval_batch_size is not None and train.eval_batch_size < 1,
              "train.eval_batch_size", "at least 1, or null"),
-            (train.workers < 0, "train.workers", "0 or more"),
-            (train.threads is not None and train.threads < 1, "train.threads", "at least 1, or null"),
+            (not 0 <= train.workers <= MAX_PROCESSES, "train.workers", f"in [0, {MAX_PROCESSES}]"),
+            (train.threads is not None and not 1 <= train.threads <= MAX_PROCESSES,
+             "train.threads", f"in [1, {MAX_PROCESSES}], or null"),
             (train.accumulate_steps < 1, "train.accumulate_steps", "1 or more"),
             (not 0 <= train.seed < MAX_SEED, "train.seed", f"in [0, 2**{MAX_SEED.bit_length() - 1})"),
             (not 0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", "in [0, 1)"),

@@ -18,6 +18,7 @@ from finegrain.errors import FinegrainError
 from finegrain.recipes.schema import Recipe
 
 R = TypeVar("R", bound=Recipe)
+PLAIN = (str, int, float, bool, type(None), list, dict)  # what YAML and JSON share
 MAX_VALUES = 10_000  # a recipe holds about a hundred; aliases must not multiply that unseen
 
 
@@ -42,8 +43,10 @@ def _fix(source: str) -> str:
 
 
 def _check_tree(raw: Any, source: str) -> None:
-    """Bounded size and finite numbers everywhere, free-form mappings (model.overrides,
-    data.options, loss args) included; walked without recursion so any depth is safe."""
+    """Bounded size, plain data and finite numbers everywhere, free-form mappings
+    (model.overrides, data.options, loss args) included: their values go into JSON (checkpoint
+    metadata, `recipes show --json`), which has no dates, sets or bytes. Walked without
+    recursion, so any depth is safe."""
     stack: list[tuple[str, Any]] = [("", raw)]
     seen = 0
     while stack:
@@ -52,10 +55,17 @@ def _check_tree(raw: Any, source: str) -> None:
         if seen > MAX_VALUES:
             raise FinegrainError(f"The recipe holds more than {MAX_VALUES} values (YAML anchors and aliases "
                                  f"count each time they are used). A recipe needs a few dozen; fix {source}.")
+        if not isinstance(value, PLAIN):
+            raise FinegrainError(f"Recipe key '{key}' must be plain data (text, a number, true/false, null, a list "
+                                 f"or a mapping), got {type(value).__name__} {value!r}. Quote it. {_fix(source)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise FinegrainError(f"Recipe key '{key}' must be a finite number, got {value}. {_fix(source)}")
         if isinstance(value, dict):
-            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+            for name in value:
+                if not isinstance(name, str):
+                    holder = f"Recipe key '{key}'" if key else "The recipe"
+                    raise FinegrainError(f"{holder} holds the key {name!r}, which is not text. Quote it. {_fix(source)}")
+            stack.extend((f"{key}.{k}" if key else k, v) for k, v in value.items())
         elif isinstance(value, list):
             stack.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
 
@@ -76,9 +86,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             return value
     elif origin is dict:
         if isinstance(value, dict):
-            key_type, item_type = typing.get_args(tp)
-            return {_convert(key_type, k, f"{key} (a key)", source): _convert(item_type, v, f"{key}.{k}", source)
-                    for k, v in value.items()}
+            item_type = typing.get_args(tp)[1]  # keys: text, checked with the whole tree
+            return {k: _convert(item_type, v, f"{key}.{k}", source) for k, v in value.items()}
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)

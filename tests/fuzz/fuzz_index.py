@@ -9,15 +9,17 @@ mode; the rest is the payload:
 
     raw-faiss, raw-npy, raw-sqlite, raw-failed, raw-manifest   the payload replaces that file
     edits      the payload is a list of edits of the manifest's JSON tree (set / delete a field)
-    patches    the payload is a list of (file, offset, byte) writes into the data files
+    patches    the payload is a list of (file, offset, width, value) writes into the data files
     checksum   the payload replaces manifest.sha256 (not re-hashed)
 
 Run: python tests/fuzz/fuzz_index.py -atheris_runs=100000   (pip install -e ".[fuzz]")
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
 import struct
 import sys
 import tempfile
@@ -93,6 +95,7 @@ def _setup() -> dict[str, Any]:
         faiss.omp_set_num_threads(1)
         # in memory where possible: rewriting a file on ext4 flushes it to disk at close (auto_da_alloc)
         root = Path(tempfile.mkdtemp(prefix="fuzz-index-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        atexit.register(shutil.rmtree, root, True)
         _state.update(root=root, work=root / "work", bases=[_base_files(root, key) for key in BASES],
                       queries=_vectors()[::7] + 0.01)
     return _state
@@ -142,12 +145,18 @@ def _edit_manifest(manifest: dict, payload: bytes) -> dict:
 
 
 def _patch(files: dict[str, bytes], payload: bytes) -> None:
-    """Overwrite single bytes of the data files: (file, 16-bit offset, byte) triples."""
-    for at in range(0, len(payload) - 3, 4):
+    """Overwrite parts of the data files: (file, 16-bit offset, width 1/4/8, little-endian value) records,
+    so that a size or count field inside index.faiss, the .npy header or the database can be set whole."""
+    at = 0
+    while at + 4 <= len(payload):
         name = REQUIRED_FILES[payload[at] % len(REQUIRED_FILES)]
+        offset, width = int.from_bytes(payload[at + 1:at + 3], "little"), (1, 4, 8)[payload[at + 3] % 3]
+        value = payload[at + 4:at + 4 + width].ljust(width, b"\0")
+        at += 4 + width
         data = bytearray(files[name])
         if data:
-            data[int.from_bytes(payload[at + 1:at + 3], "little") % len(data)] = payload[at + 3]
+            offset %= len(data)
+            data[offset:offset + width] = value[:len(data) - offset]
             files[name] = bytes(data)
 
 
@@ -200,10 +209,11 @@ def write_seeds() -> None:
     CORPUS.mkdir(parents=True, exist_ok=True)
     for base_number, files in enumerate(state["bases"]):
         for mode_number, mode in enumerate(MODES):
-            payload = {"edits": bytes([7, 2, 40, 3, 200, 12]), "patches": bytes([0, 60, 0, 255, 1, 130, 0, 7]),
+            payload = {"edits": bytes([7, 2, 40, 3, 200, 12]),  # a field set to a string, another deleted
+                       "patches": bytes([0, 37, 0, 2]) + (1 << 40).to_bytes(8, "little") + bytes([1, 130, 0, 0, 7]),
                        "checksum": files[MANIFEST_CHECKSUM]}.get(mode) or files[RAW_FILES[mode]]
             if mode == "raw-sqlite" and base_number:
-                continue  # one copy of the 12 KB database is enough
+                continue  # one copy of the 28 KB database is enough
             selector = base_number + len(BASES) * mode_number
             (CORPUS / f"{BASES[base_number].split(',')[0].lower()}-{mode}").write_bytes(bytes([selector]) + payload)
 
@@ -214,8 +224,11 @@ def main() -> None:
         return
     import atheris
 
-    found = tempfile.mkdtemp(prefix="fuzz-index-corpus-")  # libFuzzer adds new inputs to the first folder
-    atheris.Setup([sys.argv[0], *sys.argv[1:], found, str(CORPUS)], one_input)
+    arguments = sys.argv[1:]
+    if all(argument.startswith("-") for argument in arguments):  # no corpus or files given: the seeds,
+        # behind a scratch folder, since libFuzzer adds what it finds to the first folder it is given
+        arguments += [tempfile.mkdtemp(prefix="fuzz-index-corpus-"), str(CORPUS)]
+    atheris.Setup([sys.argv[0], *arguments], one_input)
     atheris.Fuzz()
 
 
