@@ -104,7 +104,8 @@ def test_topk_accuracy_is_an_exact_fraction() -> None:
     labels = torch.arange(160) % 16
     logits = torch.nn.functional.one_hot(labels, 16).float()
     logits[:16] = torch.nn.functional.one_hot((labels[:16] + 1) % 16, 16).float()  # 16 wrong at top-1
-    logits[:8, :] += torch.nn.functional.one_hot(labels[:8], 16) * 0.5  # 8 of them right at top-2
+    logits[:8] += torch.nn.functional.one_hot(labels[:8], 16) * 0.5  # 8 of them right at top-2
+    logits[8:16] -= torch.nn.functional.one_hot(labels[8:16], 16) * 0.5  # 8 wrong at top-2 too
     accuracy = topk_accuracy(logits, labels, ks=(1, 2, 20))
     assert accuracy == {"top1": 0.9, "top2": 152 / 160, "top20": 1.0}
     assert all(type(value) is float for value in accuracy.values())

@@ -211,6 +211,14 @@ def test_items_that_are_empty_not_sqlite_or_of_another_schema_are_refused(flat, 
     _refused(flat, "items.sqlite: 1 rows have a path, label, size or SHA-256 of the wrong type")
     target.write_bytes(original)
     with sqlite3.connect(target) as db:
+        db.execute("UPDATE items SET path = CAST(x'8a8a' AS TEXT) WHERE id = 5")  # text that is not UTF-8
+    db.close()
+    _rehash(flat)
+    with pytest.raises(FinegrainError, match="(?i)items.sqlite: SQLite cannot read it .*utf-8"):
+        with IndexFolder(flat, gpu=False) as loaded:
+            loaded.all_items()
+    target.write_bytes(original)
+    with sqlite3.connect(target) as db:
         db.execute("CREATE VIEW extra AS SELECT * FROM items")
     db.close()
     _rehash(flat)

@@ -114,6 +114,11 @@ HOSTILE = [
     ("finegrain.recall_ks", "[0, 1]", "recall_ks must be a JSON list"),
     ("finegrain.source_sha256", "abc", "64 lowercase hexadecimal"),
     ("finegrain.overrides", "[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ("finegrain.overrides", '{"layers": [1, 1, 1, 1], "gem_p": 1' + "0" * 400 + "}", "gem_p.*must be a number"),
+    ("finegrain.preprocessing", '{"mean": [1' + "0" * 400 + ', 0, 0], "std": [1, 1, 1], "train_size": 32, '
+     '"resize": 37, "crop": 32}', "mean must be a finite number"),
+    ("finegrain.preprocessing", '{"mean": [' + "[" * 900 + "]" * 900 + ', 0, 0], "std": [1, 1, 1], "train_size": 32, '
+     '"resize": 37, "crop": 32}', "mean must be a finite number"),
 ]
 
 

@@ -93,9 +93,9 @@ def open_items(path: Path, count: int) -> sqlite3.Connection:
             _fail(path, f"{int(bad)} rows have a path, label, size or SHA-256 of the wrong type or form")
         if rows != count or (low, high) != (0, count - 1):
             _fail(path, f"it lists {rows} items (ids {low}..{high}), the manifest says {count} (ids 0..{count - 1})")
-    except sqlite3.Error as error:
+    except (sqlite3.Error, UnicodeDecodeError) as error:  # text that is not UTF-8 fails as Python decodes it
         db.close()
-        _fail(path, f"SQLite cannot read it ({error})")
+        _fail(path, f"SQLite cannot read it ({str(error)[:200]})")
     except BaseException:
         db.close()
         raise

@@ -154,11 +154,11 @@ class IndexFolder:
         return {row[0] for row in self._query("SELECT DISTINCT label FROM items WHERE label IS NOT NULL")}
 
     def _query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple]:
-        """Rows of a query; a page the load-time checks did not touch may still be damaged."""
+        """Rows of a query; a value the load-time checks did not decode may still not be UTF-8."""
         try:
             return self._db.execute(sql, list(parameters)).fetchall()
-        except sqlite3.Error as error:
-            raise FinegrainError(f"{self.root / ITEMS_FILE}: SQLite cannot read it ({error}). "
+        except (sqlite3.Error, UnicodeDecodeError) as error:
+            raise FinegrainError(f"{self.root / ITEMS_FILE}: SQLite cannot read it ({str(error)[:200]}). "
                                  f"{rebuild_hint(self.root)}") from None
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,15 +159,16 @@ def _overrides(text: str) -> dict[str, Any]:
 
 
 def _number(value: Any, low: float, high: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise _Bad(f"{what} must be a finite number in [{low}, {high}], got {str(value)[:40]}")
+    # Bounds first: NaN fails them, and math.isfinite would overflow on a 400-digit JSON integer.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):
+        raise _Bad(f"{what} must be a finite number in [{low}, {high}], got {reprlib.repr(value)}")
     return float(value)
 
 
 def _side(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IMAGE_SIDE:
-        raise _Bad(f"{what} must be an integer in [1, {MAX_IMAGE_SIDE}], got {str(value)[:40]}")
+        raise _Bad(f"{what} must be an integer in [1, {MAX_IMAGE_SIDE}], got {reprlib.repr(value)}")
     return value
 
 

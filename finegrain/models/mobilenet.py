@@ -66,6 +66,8 @@ class MobileNetV1(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.num_features = in_ch
         self.fc = nn.Linear(in_ch, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if self.conv_stem.weight.is_meta:
+            return  # a shape-only copy (factory.expected_entries): meta init costs seconds of torch imports
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

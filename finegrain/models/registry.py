@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -104,8 +105,9 @@ def _int(low: int, high: int) -> tuple[Check, str]:
 
 
 def _float(low: float, high: float) -> tuple[Check, str]:
-    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            and low <= v <= high), f"a number in [{low}, {high}]"
+    # Bounds first: NaN fails them, and math.isfinite would overflow on a 400-digit JSON integer.
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+            and math.isfinite(v)), f"a number in [{low}, {high}]"
 
 
 def _optional(rule: tuple[Check, str]) -> tuple[Check, str]:
@@ -185,8 +187,7 @@ def check_overrides(name: str, overrides: Mapping[str, Any], num_classes: int | 
     for key, value in overrides.items():
         check, expected = rules[key]
         if not check(value):
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-            raise FinegrainError(f"Override {key} of {name!r} must be {expected}, got {shown}.")
+            raise FinegrainError(f"Override {key} of {name!r} must be {expected}, got {reprlib.repr(value)}.")
     checked = {key: tuple(value) if isinstance(value, list) else value for key, value in overrides.items()}
     if family == "resnet":
         _check_resnet_combination(name, checked)

@@ -278,6 +278,8 @@ class ResNet(nn.Module):
             self.maxpool = nn.MaxPool2d(3, 2, 1)
 
     def _init_weights(self, zero_gamma: bool) -> None:
+        if next(self.parameters()).is_meta:
+            return  # a shape-only copy (factory.expected_entries): meta init costs seconds of torch imports
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -27,15 +27,19 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-if __name__ == "__main__" and "-atheris_runs" in " ".join(sys.argv):  # instrument our code, not torch
+try:
     import atheris
-    import safetensors.torch  # noqa: F401
+except ImportError:  # the replay test runs the corpus without it
+    atheris = None
+
+MODES = ("--write-seeds", "--bit-flips")  # the script's other uses, without fuzzing
+if atheris is not None and __name__ == "__main__" and not set(MODES) & set(sys.argv):
+    import safetensors.torch  # noqa: F401  (instrument our code, not torch)
     import torch  # noqa: F401
 
     with atheris.instrument_imports(include=["finegrain"]):
         from finegrain.models import load_model, read_info
 else:
-    atheris = None
     from finegrain.models import load_model, read_info
 from finegrain.errors import FinegrainError  # noqa: E402
 
@@ -43,6 +47,7 @@ CORPUS = Path(__file__).parent / "corpus" / "checkpoint"
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "I8", "XX"]
 DIMS = [0, 1, 2, 3, 8, 16, 255, 1 << 16, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 63, -1]
 _workdir: list[Path] = []
+fuzzing = False  # atheris.Mutate works only inside atheris.Fuzz()
 
 
 def one_input(data: bytes) -> None:
@@ -81,7 +86,7 @@ def join(header: bytes, body: bytes) -> bytes:
 def mutate_text(text: str, rng: random.Random) -> str:
     """libFuzzer's mutations of a text while fuzzing; one random character otherwise."""
     raw = text.encode()
-    if atheris is not None:
+    if fuzzing:
         raw = atheris.Mutate(raw, len(raw) + 64)
     elif raw:
         chars = bytearray(raw)
@@ -95,7 +100,7 @@ def mutate(data: bytes, max_size: int, seed: int) -> bytes:
     parts = split(data)
     choice = rng.randrange(20)
     if parts is None or choice == 0:
-        return atheris.Mutate(data, max_size) if atheris is not None else data
+        return atheris.Mutate(data, max_size) if fuzzing else data
     header, body = parts
     metadata = header.setdefault("__metadata__", {})
     tensors = [name for name in header if name != "__metadata__"]
@@ -120,7 +125,7 @@ def mutate(data: bytes, max_size: int, seed: int) -> bytes:
             header[mutate_text(name, rng)] = header.pop(name)
     elif choice < 18:  # the header's raw text, its length kept right
         text = json.dumps(header).encode()
-        return join(atheris.Mutate(text, len(text) + 256) if atheris is not None else text, body)[:max_size]
+        return join(atheris.Mutate(text, len(text) + 256) if fuzzing else text, body)[:max_size]
     elif body:  # a weight becomes NaN / inf / huge
         out = bytearray(body)
         at = rng.randrange(0, max(len(out) - 4, 1), 4)
@@ -177,14 +182,17 @@ def bit_flips(path: Path, trials: int, seed: int = 0) -> Counter:
 
 
 def main() -> None:
+    global fuzzing
     if "--write-seeds" in sys.argv:
         write_seeds()
     elif "--bit-flips" in sys.argv:
         trials, file = int(sys.argv[sys.argv.index("--bit-flips") + 1]), Path(sys.argv[-1])
         print(dict(bit_flips(file, trials)))
     elif atheris is None:
-        sys.exit('Run with -atheris_runs=N (pip install -e ".[fuzz]"); tests/test_fuzz_replay.py replays the corpus.')
+        sys.exit('atheris is not installed: pip install -e ".[fuzz]" (tests/test_fuzz_replay.py replays the '
+                 "corpus without it).")
     else:
+        fuzzing = True
         atheris.Setup(sys.argv, one_input, custom_mutator=mutate)
         atheris.Fuzz()
 
