@@ -1,6 +1,6 @@
-"""Embedding extraction throughput of the retrieval embedder: the fast inference path
-(finegrain.eval.inference.InferenceModel.embed: BN folded, channels_last) against eager
-`forward_embedding`, FP32 and bf16, measured side by side in one process.
+"""Embedding extraction throughput of the retrieval embedder through the one predictor
+(finegrain.eval.inference.Predictor.embed): the eager model against the fast path (BN folded,
+channels_last), FP32 and bf16, measured side by side in one process.
 
 The configurations are timed round-robin, so drift in machine load hits each alike; images/s is
 the median over rounds. Agreement with eager FP32 is measured on the shipped demo photos with BN
@@ -28,19 +28,11 @@ import finegrain
 from finegrain.data import ImageDataset, demo_root, load_splits
 from finegrain.data.transforms import retrieval_eval_transform
 from finegrain.eval.throughput import time_once
-from finegrain.eval.inference import InferenceModel, InferenceOptions
+from finegrain.eval.inference import InferenceOptions, Predictor, native_bf16
 from finegrain.eval.retrieval import retrieval_metrics
 from finegrain.fileio import atomic_path
-from finegrain.runtime import autocast, cpu_supports_bf16
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
-
-
-def eager(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Embed:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, dtype):
-            return model.forward_embedding(x.to(device)).float()
-    return run
 
 
 def demo_test_images(size: int, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,14 +71,13 @@ def main() -> None:
     model = finegrain.create_embedder(args.arch, args.embedding_size)
     images, labels = demo_test_images(args.size, model)
     model = calibrate(model, images).to(device)
-    bf16_ok = device.type == "cuda" or cpu_supports_bf16()
-    configs: dict[str, Embed] = {"eager forward_embedding FP32": eager(model, device, None)}
-    if bf16_ok:
-        configs["eager forward_embedding bf16 autocast"] = eager(model, device, torch.bfloat16)
-    configs["fast path FP32 (InferenceModel.embed)"] = InferenceModel(model, InferenceOptions(), device).embed
-    if bf16_ok:
-        configs["fast path bf16 (InferenceModel.embed)"] = InferenceModel(
-            model, InferenceOptions(dtype=torch.bfloat16), device).embed
+    runs = {"eager forward_embedding FP32": InferenceOptions(),
+            "eager forward_embedding bf16 autocast": InferenceOptions(dtype=torch.bfloat16),
+            "fast path FP32 (BN folded, channels_last)": InferenceOptions(channels_last=True, fold_bn=True),
+            "fast path bf16 (BN folded, channels_last)": InferenceOptions(dtype=torch.bfloat16, channels_last=True,
+                                                                          fold_bn=True)}
+    configs: dict[str, Embed] = {name: Predictor(model, device, options).embed for name, options in runs.items()
+                                 if options.dtype is None or native_bf16(device)}
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     for embed in configs.values():  # warm-up: oneDNN / cuDNN primitive creation, allocator

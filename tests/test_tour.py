@@ -59,7 +59,7 @@ def fresh_clone(target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str, float]]:
+def tour(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, str, str, float]]:
     """(exit status, stdout, stderr, seconds) of every command, run once, in order."""
     scripts = Path(sys.executable).parent
     if not (scripts / "finegrain").exists():
@@ -67,18 +67,19 @@ def tour(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, 
     clone = fresh_clone(tmp_path_factory.mktemp("clone"))
     home = tmp_path_factory.mktemp("home")  # `~/data/...` is certainly absent; caches start empty
     env = {**os.environ, "HOME": str(home), "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
-    outcomes = {}
+    outcomes = []
     for command in COMMANDS:
         start = time.perf_counter()
         done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
                               timeout=1200)
-        outcomes[command] = (done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
+        outcomes.append((done.returncode, done.stdout, done.stderr, time.perf_counter() - start))
     return outcomes
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_tour_command_runs_as_written(tour, command):
-    status, stdout, stderr, seconds = tour[command]
+@pytest.mark.parametrize(("position", "command"), list(enumerate(COMMANDS)),
+                         ids=[re.sub(r"\s+#.*", "", command) for command in COMMANDS])
+def test_tour_command_runs_as_written(tour, position, command):
+    status, stdout, stderr, seconds = tour[position]
     shown = f"{command}\n(exit {status}, {seconds:.0f} s)\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
     assert "Traceback" not in stdout + stderr, shown
     missing = [word for word in command.split() if any(marker in word for marker in NOT_SHIPPED)]

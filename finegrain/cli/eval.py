@@ -24,9 +24,9 @@ def evaluate(
                                           "anyway (to inspect a run that diverged); refused by default"),
 ) -> None:
     """Evaluate a checkpoint at the preprocessing it records (eval resize and centre crop)."""
-    from finegrain.eval.classification import evaluate_checkpoint
+    from finegrain.eval.classification import evaluate_classifier
 
-    metrics = evaluate_checkpoint(weights, data, kind, split, batch_size, workers, progress=not quiet,
+    metrics = evaluate_classifier(weights, data, kind, split, batch_size, workers, progress=not quiet,
                                   allow_non_finite=allow_non_finite)
     if as_json:
         results.print_json(json.dumps(metrics))

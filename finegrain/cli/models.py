@@ -107,7 +107,7 @@ def bench(
     import torch
     import torchvision
 
-    from finegrain.eval.inference import InferenceModel, InferenceOptions
+    from finegrain.eval.inference import InferenceOptions, Predictor
     from finegrain.models import create_model, load_model, variant
     from finegrain.runtime import default_device
 
@@ -130,6 +130,6 @@ def bench(
     if fast:
         options = InferenceOptions.fast(device, bf16=bf16)
         label = f"{model} fast path" + (" bf16" if options.dtype is not None else " FP32")
-        quick = _timed(f"[3/3] {label}", InferenceModel(net, options, device), res, batch, device, True, iterations)
+        quick = _timed(f"[3/3] {label}", Predictor(net, device, options), res, batch, device, True, iterations)
         table.add_row(label, str(res), f"{quick:.1f}", f"{quick / ref:.2f}")
     console.print(table)

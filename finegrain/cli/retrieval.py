@@ -40,7 +40,8 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str]) -> None:
     from finegrain.models import read_info
-    from finegrain.train.retrieval import evaluate_checkpoint
+    from finegrain.eval.retrieval_eval import evaluate_retrieval
+    from finegrain.train.retrieval import load_zero_shot_splits
 
     if weights is None:
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
@@ -52,7 +53,8 @@ def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Option
     if data is None and info.data is not None:
         data = Path(info.data.root)
     recipe = _load(recipe_name, overrides + ([f"data.root={quoted(data)}"] if data else []), None)
-    report = evaluate_checkpoint(weights, recipe)
+    report = evaluate_retrieval(weights, load_zero_shot_splits(recipe)["test"], recipe.retrieval.recall_ks,
+                                recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers)
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
                   f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
     results.print(_metrics_table("zero-shot retrieval", {"%": report.to_metrics()}))

@@ -6,41 +6,18 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from finegrain.distributed import gather_rows
 from finegrain.errors import FinegrainError
-from finegrain.runtime import autocast
+from finegrain.eval.inference import InferenceOptions, Predictor
 
 
-@torch.inference_mode()
 def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, dtype: torch.dtype | None = None,
                    channels_last: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Run `model` in eval mode over `loader` (items `(images, labels, ...)`).
-
-    Returns (logits [N, C] fp32 on CPU, labels [N] int64), in loader order. `dtype` autocasts
-    (bf16/fp16) for speed; logits come back in fp32 either way. The model's train/eval mode is
-    restored afterwards, so this can run in the middle of training.
-    """
-    was_training = model.training
-    model.eval()
-    all_logits: list[Tensor] = []
-    all_labels: list[Tensor] = []
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    try:
-        for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-            images, labels = batch[0], batch[1]
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            with autocast(device, dtype):
-                logits = model(images)
-            all_logits.append(logits.float().cpu())
-            all_labels.append(torch.as_tensor(labels).long().cpu())
-    finally:
-        model.train(was_training)
-    if not all_logits:
-        raise FinegrainError("The evaluation data set is empty. Check the test split of --data.")
-    # Under torchrun each rank predicted one contiguous shard: gather them in order.
-    return gather_rows(torch.cat(all_logits)), gather_rows(torch.cat(all_labels))
+    """(logits [N, C] fp32 on the CPU, labels [N] int64) of `model` over `loader` (items
+    `(images, labels, ...)`), in loader order, by the one predictor: the eager model in eval
+    mode, `dtype` autocast, its train/eval mode restored after (this runs mid-training too)."""
+    return Predictor(model, device, InferenceOptions(dtype=dtype, channels_last=channels_last)).predict(
+        loader, progress=progress)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -62,7 +39,7 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return {f"top{k}": int(hits[:, :min(k, max_k)].any(dim=1).sum()) / rows for k in ks}
 
 
-def evaluate_checkpoint(weights: str | Path, data: str | Path, kind: str = "folder", split: str = "test",
+def evaluate_classifier(weights: str | Path, data: str | Path, kind: str = "folder", split: str = "test",
                         batch_size: int = 64, workers: int = 2, device: torch.device | None = None,
                         progress: bool = True, allow_non_finite: bool = False) -> dict[str, float]:
     """Top-1 / top-5 of one of our classifier checkpoints on a data set split, at the eval

@@ -1,9 +1,11 @@
 """Embedding a list of image files, in resumable shards, without ever losing track of a bad file.
 
-Shared by the search index and retrieval evaluation. A collection of a million images takes
-hours to embed; the work is cut into shards written atomically to a work folder, so a build that
-is killed resumes from its last finished shard instead of from zero. A shard is reused only if
-its key (the caller's model fingerprint plus each file's path, size and mtime) still matches.
+The search index's embedder; the model runs through the one predictor (eval/inference.py), so
+an indexed image gets the embedding every other command computes. A collection of a million
+images takes hours to embed; the work is cut into shards written atomically to a work folder, so
+a build that is killed resumes from its last finished shard instead of from zero. A shard is
+reused only if its key (the caller's model fingerprint plus each file's path, size and mtime)
+still matches.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -25,9 +26,10 @@ from finegrain.data.images import decode_rgb
 from finegrain.data.transforms import eval_transform, retrieval_eval_transform
 from finegrain import distributed
 from finegrain.errors import FinegrainError
+from finegrain.eval.inference import InferenceOptions, Predictor, embedding_mode
 from finegrain.fileio import atomic_path
 from finegrain.preprocessing import Preprocessing
-from finegrain.runtime import autocast, default_device
+from finegrain.runtime import default_device
 
 DEFAULT_SHARD_SIZE = 4096
 
@@ -42,20 +44,6 @@ class EmbedResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     shards_reused: int = 0
     shards_computed: int = 0
-
-
-def embedding_mode(model: nn.Module) -> str:
-    """'forward_embedding' for retrieval networks, else 'pooled_features' (GAP of the last map)."""
-    return "forward_embedding" if callable(getattr(model, "forward_embedding", None)) else "pooled_features"
-
-
-def embed_batch(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] normalised images -> [B, E] L2-normalised embeddings."""
-    if embedding_mode(model) == "forward_embedding":
-        embedding = model.forward_embedding(images)
-    else:
-        embedding = model.forward_features(images).float().mean(dim=(2, 3))
-    return F.normalize(embedding.float(), dim=1)
 
 
 def image_transform(model: nn.Module, preprocessing: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
@@ -92,21 +80,17 @@ def _collate(items: list[_Loaded]) -> tuple[torch.Tensor | None, list[int], list
     return images, [position for _, position in good], bad
 
 
-def _embed_chunk(model: nn.Module, paths: Sequence[str], transform: Callable, device: torch.device,
-                 batch_size: int, workers: int, bar: tqdm) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+def _embed_chunk(predictor: Predictor, paths: Sequence[str], transform: Callable, batch_size: int, workers: int,
+                 bar: tqdm) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else None  # fast path on GPU; FP32 on CPU is exact
+                        collate_fn=_collate, pin_memory=predictor.device.type == "cuda")
     rows, ok, bad = [], [], []
-    with torch.inference_mode(), autocast(device, dtype):
-        for images, positions, failures in loader:
-            if images is not None:
-                memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-                images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                rows.append(embed_batch(model, images).cpu().numpy())
-                ok.extend(positions)
-            bad.extend(failures)
-            bar.update(len(positions) + len(failures))
+    for images, positions, failures in loader:
+        if images is not None:
+            rows.append(predictor.embed(images).cpu().numpy())
+            ok.extend(positions)
+        bad.extend(failures)
+        bar.update(len(positions) + len(failures))
     width = rows[0].shape[1] if rows else 0
     return (np.concatenate(rows) if rows else np.zeros((0, width), np.float32)), ok, bad
 
@@ -152,7 +136,7 @@ def embed_paths(model: nn.Module, paths: Sequence[str | os.PathLike], preprocess
     info = distributed.current()
     device = torch.device(device) if device is not None else (
         distributed.device_for(info) if info.enabled else default_device())
-    model = model.to(device).eval()
+    predictor = Predictor(model, device, InferenceOptions.for_collection(device))
     transform = image_transform(model, preprocessing)
     work = Path(work_dir) if work_dir is not None else None
     step = shard_size if work is not None else max(1, len(paths))
@@ -165,7 +149,7 @@ def embed_paths(model: nn.Module, paths: Sequence[str | os.PathLike], preprocess
             if not folder.is_dir():
                 with tqdm(total=len(chunk), desc=f"embedding (rank {info.rank})", unit="img",
                           disable=not progress) as bar:
-                    _write_shard(folder, *_embed_chunk(model, chunk, transform, device, batch_size, workers, bar))
+                    _write_shard(folder, *_embed_chunk(predictor, chunk, transform, batch_size, workers, bar))
         distributed.barrier()
         progress = progress and info.is_main
     parts, ok_paths, failed = [], [], []
@@ -180,7 +164,7 @@ def embed_paths(model: nn.Module, paths: Sequence[str | os.PathLike], preprocess
                 bar.update(len(chunk))
                 reused += 1
             else:
-                rows, ok, bad = _embed_chunk(model, chunk, transform, device, batch_size, workers, bar)
+                rows, ok, bad = _embed_chunk(predictor, chunk, transform, batch_size, workers, bar)
                 if folder is not None:
                     _write_shard(folder, rows, ok, bad)
                 computed += 1

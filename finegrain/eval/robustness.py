@@ -34,6 +34,7 @@ from finegrain.eval.corruptions import (
 from finegrain.eval.perturbations import (
     compares_to_first_frame, frame_indices, parse_perturbations, perturbation_sequence,
 )
+from finegrain.eval.inference import Predictor
 from finegrain.eval.throughput import measure_throughput
 from finegrain.preprocessing import Preprocessing
 from finegrain.runtime import default_device
@@ -139,13 +140,11 @@ class _RobustnessImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(stack)).permute(0, 3, 1, 2), index, generated, True
 
 
-class _BatchedPredictor:
-    """Collects frames from many jobs and runs the model once per `batch_size` frames."""
+class _FrameQueue:
+    """Collects raw frames from many jobs and runs the predictor once per `batch_size` frames."""
 
-    def __init__(self, model: nn.Module, pre: Preprocessing, device: torch.device, batch_size: int):
-        self.model, self.device, self.batch_size = model, device, batch_size
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    def __init__(self, predictor: Predictor, batch_size: int):
+        self.predictor, self.batch_size = predictor, batch_size
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.count = 0
 
@@ -160,11 +159,7 @@ class _BatchedPredictor:
         if not self.pending:
             return []
         frames = torch.cat([f for _, f in self.pending])
-        with torch.inference_mode():
-            predictions = torch.cat([
-                self.model(((chunk.to(self.device).float() - self.mean) / self.std)).argmax(dim=1).cpu()
-                for chunk in frames.split(self.batch_size)
-            ]).numpy()
+        predictions = self.predictor.logits_in_batches(frames, self.batch_size).argmax(dim=1).numpy()
         done, start = [], 0
         for job, chunk in self.pending:
             done.append((job, predictions[start:start + len(chunk)]))
@@ -242,7 +237,7 @@ def evaluate_robustness(
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
 
     model = model.to(device).eval()
-    predictor = _BatchedPredictor(model, pre, device, batch_size)
+    queue = _FrameQueue(Predictor(model, device, preprocessing=pre), batch_size)
     predictions: dict[int, np.ndarray] = {}
     readable = np.ones(len(chosen), dtype=bool)
     generated = corrupted = 0
@@ -251,8 +246,8 @@ def evaluate_robustness(
         generated += made
         corrupted += len(stack) if ok and blocks[block][0] == "corruption" else 0
         readable[sample] &= ok
-        predictions.update(predictor.add(job, stack))
-    predictions.update(predictor.flush())
+        predictions.update(queue.add(job, stack))
+    predictions.update(queue.flush())
 
     def table(kind: str, name: str = "") -> np.ndarray:
         """Predictions [readable images, frames] of one block."""

@@ -30,7 +30,8 @@ def measure_throughput(
 ) -> float:
     """Images per second of `model(x)` on random input [batch, 3, res, res] (median of runs).
 
-    `model` may be a plain module (run under inference_mode) or an InferenceModel (fast path).
+    `model` may be a plain module (run under inference_mode) or a Predictor (eval/inference.py)
+    with `device` given.
     """
     device = device or next(model.parameters()).device
     x = torch.randn(batch_size, 3, resolution, resolution, device=device)

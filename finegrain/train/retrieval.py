@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from finegrain.data.base import Split
 from finegrain.errors import FinegrainError
-from finegrain.models import CheckpointInfo, DataRecord, create_embedder, load_model
+from finegrain.eval.retrieval_eval import embed_loader
+from finegrain.models import CheckpointInfo, DataRecord, create_embedder
 from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
 from finegrain.recipes import Recipe, RetrievalRecipe
@@ -28,9 +29,6 @@ from finegrain.train.fgvc import recipe_data_record, resolve_data_root, warm_sta
 from finegrain.train.metric_losses import create_metric_loss
 from finegrain.train.optim import ParamGroupSpec
 from finegrain.train.trainer import Task, TrainBatch, Trainer
-
-if TYPE_CHECKING:
-    from finegrain.eval.retrieval import RetrievalReport
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -66,7 +64,7 @@ class MPerClassBatches(Sampler[list[int]]):
 
 # ---------------------------------------------------------------------------------------- task
 class _Embeddings(nn.Module):
-    """`model.forward_embedding` as a module's forward, for loops written for logits."""
+    """`model.forward_embedding` as a module's forward: what the trainer runs and the loss sees."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -74,17 +72,6 @@ class _Embeddings(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model.forward_embedding(images)
-
-
-def embed_loader(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None = None,
-                 channels_last: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
-    """(embeddings [N, E] fp32 on CPU, labels [N] int64) in loader order, the model's mode kept."""
-    from finegrain.eval.classification import predict_logits
-
-    if not hasattr(model, "forward_embedding"):
-        raise FinegrainError(f"{getattr(model, 'arch', type(model).__name__)} has no forward_embedding. "
-                             "Evaluate an embedder checkpoint (from `finegrain retrieval`).")
-    return predict_logits(_Embeddings(model), loader, device, dtype, channels_last, progress)
 
 
 class RetrievalTask(Task):
@@ -203,21 +190,3 @@ def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = F
              f"MAP@R {100 * start['map@r']:.2f}% -> {100 * summary['last'].get('map@r', float('nan')):.2f}% (last)")
     return summary
 
-
-def evaluate_checkpoint(weights: str | Path, recipe: RetrievalRecipe, device: torch.device | None = None,
-                        progress: bool = True) -> RetrievalReport:
-    """Recall@K (the recipe's K) and MAP@R of an embedder checkpoint on the recipe's test classes,
-    preprocessed as the checkpoint records (eval size squared, no crop)."""
-    from finegrain.data import ImageDataset
-    from finegrain.eval.retrieval import retrieval_metrics
-    from finegrain.runtime import default_device
-    from finegrain.data.loaders import eval_loader
-
-    device = device or default_device()
-    model = load_model(weights)
-    test = load_zero_shot_splits(recipe)["test"]
-    _, eval_transform = retrieval_transforms(model.preprocessing, None)
-    loader = eval_loader(ImageDataset(test.samples, eval_transform), recipe.train.eval_batch_size or
-                         recipe.train.batch_size, recipe.train.workers, device.type == "cuda")
-    embeddings, labels = embed_loader(model.to(device), loader, device, progress=progress)
-    return retrieval_metrics(embeddings, labels, recipe.retrieval.recall_ks, device=device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import json
 import random
+import re
 import shutil
 import struct
 import sys
@@ -46,6 +47,11 @@ from finegrain.errors import FinegrainError  # noqa: E402
 CORPUS = Path(__file__).parent / "corpus" / "checkpoint"
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "I8", "XX"]
 DIMS = [0, 1, 2, 3, 8, 16, 255, 1 << 16, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 63, -1]
+# Numbers that a metadata value's digits become: edges of every bound, non-finite, huge, wrong type.
+NUMBERS = ["0", "-1", "1", "2", "7", "8", "64", "100", "101", "1024", "1025", "65537", "1000001", "0.0", "-0.0",
+           "1e-9", "0.001", "1e308", "1e999", "-1e999", "NaN", "Infinity", "1" + "0" * 400, "true", "null", '"3"',
+           "[]", "{}", "[" * 2000 + "]" * 2000]
+NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _workdir: list[Path] = []
 fuzzing = False  # atheris.Mutate works only inside atheris.Fuzz()
 
@@ -96,17 +102,29 @@ def mutate_text(text: str, rng: random.Random) -> str:
 
 
 def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+    """One structured change to a well-formed file (19 in 20), else libFuzzer's raw mutations."""
     rng = random.Random(seed)
     parts = split(data)
-    choice = rng.randrange(20)
-    if parts is None or choice == 0:
-        return atheris.Mutate(data, max_size) if fuzzing else data
-    header, body = parts
+    if parts is not None and rng.randrange(20):
+        try:
+            return mutate_structure(*parts, rng, max_size)
+        except (KeyError, TypeError, IndexError, AttributeError):  # a header already mutated out of shape
+            pass
+    return atheris.Mutate(data, max_size) if fuzzing else data
+
+
+def mutate_structure(header: dict, body: bytes, rng: random.Random, max_size: int) -> bytes:
+    choice = rng.randrange(1, 20)
     metadata = header.setdefault("__metadata__", {})
     tensors = [name for name in header if name != "__metadata__"]
-    if choice < 10 and metadata:  # a metadata value
+    if choice < 7 and metadata:  # a metadata value
         key = rng.choice(sorted(metadata))
         metadata[key] = mutate_text(str(metadata[key]), rng)
+    elif choice < 10 and metadata:  # one number inside a value becomes an edge case
+        key = rng.choice(sorted(metadata))
+        spans = [m.span() for m in NUMBER.finditer(str(metadata[key]))]
+        start, end = rng.choice(spans) if spans else (0, len(str(metadata[key])))
+        metadata[key] = str(metadata[key])[:start] + rng.choice(NUMBERS) + str(metadata[key])[end:]
     elif choice < 12 and metadata:  # a key: renamed, dropped, or a value moved to another key
         key = rng.choice(sorted(metadata))
         value = metadata.pop(key)
