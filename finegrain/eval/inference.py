@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -102,13 +101,12 @@ class InferenceOptions:
 
     dtype: autocast dtype (None = FP32). channels_last: feed NHWC inputs (and convert the
     predictor's own copy); without it inputs keep their layout. fold_bn: run a frozen copy with
-    BN folded into the convs. compile: torch.compile the forward (slow to start).
+    BN folded into the convs.
     """
 
     dtype: torch.dtype | None = None
     channels_last: bool = False
     fold_bn: bool = False
-    compile: bool = False
 
     @classmethod
     def fast(cls, device: torch.device, bf16: bool | None = None) -> "InferenceOptions":
@@ -148,9 +146,6 @@ class Predictor:
             if options.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         self.model = model
-        embed = functools.partial(embed_batch, self.model)
-        self._logits = torch.compile(self.model) if options.compile else self.model
-        self._embed = torch.compile(embed) if options.compile else embed
         self._normalisation = None if preprocessing is None else (
             torch.tensor(preprocessing.mean, device=self.device).view(1, 3, 1, 1),
             torch.tensor(preprocessing.std, device=self.device).view(1, 3, 1, 1))
@@ -179,13 +174,13 @@ class Predictor:
     def __call__(self, images: Tensor) -> Tensor:
         """Logits [B, C], float32 on the device."""
         with self._eval_mode(), autocast(self.device, self.options.dtype):
-            return self._logits(self._prepare(images)).float()
+            return self.model(self._prepare(images)).float()
 
     @torch.inference_mode()
     def embed(self, images: Tensor) -> Tensor:
         """The model's embeddings [B, E] (`embed_batch`), float32 on the device."""
         with self._eval_mode(), autocast(self.device, self.options.dtype):
-            return self._embed(self._prepare(images)).float()
+            return embed_batch(self.model, self._prepare(images)).float()
 
     @torch.inference_mode()
     def predict(self, loader: Iterable, embeddings: bool = False, progress: bool = False) -> tuple[Tensor, Tensor]:
