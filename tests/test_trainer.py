@@ -19,6 +19,7 @@ from finegrain.data import DEMO_ROOT, ImageDataset, load_splits
 from finegrain.data.transforms import eval_transform, train_transform
 from finegrain.errors import FinegrainError
 from finegrain.eval.classification import predict_logits, topk_accuracy
+from finegrain.models.metadata import TEACHER, CheckpointInfo
 from finegrain.recipes import recipe_from_dict
 from finegrain.train import resume
 from finegrain.train.fgvc import ClassificationTask, recipe_preprocessing
@@ -393,7 +394,7 @@ def test_batch_larger_than_the_data_set_is_refused(tiny_splits: dict, tmp_path: 
 def test_teacher_logits_are_matched_by_path_and_checked(tiny_splits: dict, tmp_path: Path) -> None:
     paths = [s.path for s in tiny_splits["train"].samples]
     logits = torch.arange(len(paths) * 3, dtype=torch.float32).view(-1, 3)
-    file = save_teacher_logits(tmp_path / "t.safetensors", paths[::-1], logits.flip(0), teacher="test")
+    file = save_teacher_logits(tmp_path / "t.safetensors", paths[::-1], logits.flip(0), CheckpointInfo(extra={TEACHER: "test"}))
     assert torch.equal(load_teacher_logits(file, paths, 3), logits)
     with pytest.raises(FinegrainError, match="have 3 classes, the training data has 4"):
         load_teacher_logits(file, paths, 4)
@@ -406,7 +407,7 @@ def test_teacher_logits_are_matched_by_path_and_checked(tiny_splits: dict, tmp_p
 def test_kd_run_uses_teacher_logits(tiny_splits: dict, tmp_path: Path) -> None:
     paths = [s.path for s in tiny_splits["train"].samples]
     teacher = F.one_hot(torch.tensor(tiny_splits["train"].labels), 3).float() * 5
-    save_teacher_logits(tmp_path / "t.safetensors", paths, teacher, teacher="oracle")
+    save_teacher_logits(tmp_path / "t.safetensors", paths, teacher, CheckpointInfo(extra={TEACHER: "oracle"}))
     trainer = make_trainer(tiny_splits, tmp_path / "run", extra={"train": {**TINY["train"], "epochs": 1}})
     trainer.task.teacher_logits = load_teacher_logits(tmp_path / "t.safetensors", paths, 3)
     with_kd = trainer.fit()["last"]["loss"]

@@ -32,6 +32,9 @@ class ModelConfig:
     # The release does not restore BN moving statistics when fine-tuning (re-estimated, see the
     # BN momentum rule); set False to keep them.
     reset_bn_stats: bool = True
+    # The recipe fine-tunes pretrained weights (the paper's FGVC and retrieval recipes): starting
+    # without them is a mistake worth a loud warning. The demos start from scratch on purpose.
+    expects_weights: bool = False
 
 
 @dataclass

@@ -126,8 +126,7 @@ def warm_start(build: Callable[[str, dict[str, Any]], nn.Module], recipe: Recipe
     """
     name, overrides, weights = recipe.model.name, dict(recipe.model.overrides), recipe.model.weights
     if not weights:
-        # recipes: ModelConfig.expects_weights (true in the paper's fine-tuning recipes)
-        if not resuming and without_weights and getattr(recipe.model, "expects_weights", False):
+        if not resuming and without_weights and recipe.model.expects_weights:
             loud_warning(f"No backbone weights: {name} starts from RANDOM INITIALISATION. {without_weights}", echo)
         return build(name, overrides)
     name, overrides, note = warm_start_architecture(name, overrides, weights)

@@ -7,29 +7,28 @@ count or class count do not match the training split, naming what differs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from finegrain.errors import FinegrainError
-from finegrain.fileio import atomic_path
+from finegrain.models.checkpoint import write_safetensors
 from finegrain.models.metadata import TEACHER, TEACHER_PATHS, CheckpointInfo, to_metadata
 
 
-def save_teacher_logits(path: str | Path, paths: Sequence[str], logits: torch.Tensor, teacher: str) -> Path:
-    """Write logits [N, C] for the images `paths` (same order), atomically."""
+def save_teacher_logits(path: str | Path, paths: Sequence[str], logits: torch.Tensor, info: CheckpointInfo) -> Path:
+    """Write logits [N, C] for the images `paths` (same order), atomically: the one writer of
+    the format. `info` carries the teacher's fingerprint, classes and preprocessing."""
     if logits.ndim != 2 or logits.shape[0] != len(paths):
         raise FinegrainError(f"Teacher logits must be [N, C] with N = {len(paths)} paths, got {tuple(logits.shape)}. "
                              "Compute one row per image.")
-    metadata = to_metadata(CheckpointInfo(num_classes=logits.shape[1],
-                                          extra={TEACHER_PATHS: json.dumps(list(paths)), TEACHER: teacher}))
-    with atomic_path(path) as tmp:
-        save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-    return Path(path)
+    info = dataclasses.replace(info, num_classes=logits.shape[1],
+                               extra={**info.extra, TEACHER_PATHS: json.dumps(list(paths))})
+    return write_safetensors({"logits": logits.detach().float().cpu().contiguous()}, path, to_metadata(info))
 
 
 def load_teacher_logits(path: str | Path, paths: Sequence[str], num_classes: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ architecture, so a file made for other classes is refused by name, not only by c
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,9 +21,8 @@ from torch import Tensor, nn
 from finegrain.data import Sample, Split
 from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
-from finegrain.models.checkpoint import write_safetensors
-from finegrain.models.metadata import (PATHS_RELATIVE_TO, TEACHER, TEACHER_ARCH, TEACHER_PATHS, CheckpointInfo,
-                                       check_classes, parse_metadata, read_header, to_metadata)
+from finegrain.models.metadata import (PATHS_RELATIVE_TO, TEACHER, TEACHER_ARCH, CheckpointInfo, check_classes,
+                                       parse_metadata, read_header)
 from finegrain.train import teacher
 
 
@@ -112,12 +110,10 @@ def write_teacher_logits(weights: str | Path, data: str | Path, out: str | Path,
         logits[bad] = 0.0
         echo(f"warning: {len(bad)} undecodable image(s) got uniform logits, e.g. {train.samples[bad[0]].path}")
     fingerprint = teacher_fingerprint(weights)
-    info = CheckpointInfo(num_classes=logits.shape[1], classes=tuple(train.classes), preprocessing=model.preprocessing,
-                          extra={TEACHER_PATHS: json.dumps(split_keys(train.samples, data)), TEACHER: fingerprint,
-                                 PATHS_RELATIVE_TO: "data root",
+    info = CheckpointInfo(classes=tuple(train.classes), preprocessing=model.preprocessing,
+                          extra={TEACHER: fingerprint, PATHS_RELATIVE_TO: "data root",
                                  TEACHER_ARCH: str(getattr(model, "arch", type(model).__name__))})
-    metadata = to_metadata(info)
-    write_safetensors({"logits": logits.contiguous()}, out, metadata)
+    teacher.save_teacher_logits(out, split_keys(train.samples, data), logits, info)
     accuracy = topk_accuracy(logits, labels, ks=(1,))["top1"]
     return {"out": Path(out), "images": len(train), "classes": len(train.classes), "teacher": fingerprint,
             "teacher_top1": accuracy}
