@@ -20,8 +20,9 @@ from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
 from finegrain.recipes import BackboneRecipe, list_recipes, load_recipe
 from finegrain.train.backbone import BackboneTask, build_backbone_model, run_backbone
+from finegrain.train.distill import teacher_logits_for_split
 from finegrain.train.fgvc import build_fgvc_model, run_fgvc
-from finegrain.train.teacher_logits import teacher_logits_for_split, write_teacher_logits
+from finegrain.train.teacher_logits import write_teacher_logits
 from finegrain.train.trainer import TrainBatch
 
 CPU = torch.device("cpu")

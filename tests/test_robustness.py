@@ -23,6 +23,7 @@ from finegrain.eval.robustness import (
     alexnet_reference, corruption_errors, error_rates, evaluate_robustness, flip_rate, mean_corruption_error,
     mean_flip_rate,
 )
+from finegrain.eval.robustness_report import recorded_data
 from finegrain.preprocessing import Preprocessing
 
 PRE = Preprocessing(resize=40, crop=40)  # small crops keep corruption and training fast
@@ -280,8 +281,6 @@ def test_robustness_and_compare_commands(demo, tmp_path):
 
 
 def test_recorded_data_is_read_from_checkpoint_metadata():
-    from finegrain.cli.robustness import recorded_data
-
     assert recorded_data({}) is None
     entry = {"kind": "food101", "root": "/data/food-101", "options": {"test_fraction": 0.2}}
     assert recorded_data({"finegrain.data": json.dumps(entry)}) == ("food101", Path("/data/food-101"),

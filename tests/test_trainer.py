@@ -22,12 +22,12 @@ from finegrain.eval.classification import predict_logits, topk_accuracy
 from finegrain.models.metadata import TEACHER, CheckpointInfo
 from finegrain.recipes import recipe_from_dict
 from finegrain.train import resume
-from finegrain.train.fgvc import ClassificationTask, recipe_preprocessing
-from finegrain.train.losses import ClassificationLoss, distillation_loss, smooth_targets, soft_cross_entropy
+from finegrain.train.distill import distillation_loss, load_teacher_logits, save_teacher_logits
+from finegrain.train.fgvc import ClassificationLoss, ClassificationTask, recipe_preprocessing
+from finegrain.train.losses import smooth_targets, soft_cross_entropy
 from finegrain.train.mixup import Mixup, mixed_one_hot, sample_lambdas
 from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
                                    param_groups, warmup_cosine_factor)
-from finegrain.train.teacher import load_teacher_logits, save_teacher_logits
 from finegrain.train.trainer import Trainer, resolve_amp
 
 CPU = torch.device("cpu")

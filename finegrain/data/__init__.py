@@ -10,14 +10,14 @@ from types import ModuleType
 
 from finegrain.data import aircraft, cars, cub, flowers, food101, pets, sop  # noqa: F401 - register readers
 from finegrain.data.base import IMAGE_EXTENSIONS, Sample, Split, kinds, layout_of, load_splits
-from finegrain.data.folder import DEMO_ROOT, demo_root
+from finegrain.data.folder import DEMO_ROOT, demo_root, resolve_data_root
 from finegrain.data.images import BadImageWarning, ImageDataset, check_images, decode_rgb
 
 _LAZY_SUBMODULES = ("transforms", "samplers", "loaders")
 
 __all__ = [
     "BadImageWarning", "DEMO_ROOT", "IMAGE_EXTENSIONS", "ImageDataset", "Sample", "Split", "check_images",
-    "decode_rgb", "demo_root", "kinds", "layout_of", "load_splits", *_LAZY_SUBMODULES,
+    "decode_rgb", "demo_root", "kinds", "layout_of", "load_splits", "resolve_data_root", *_LAZY_SUBMODULES,
 ]
 
 

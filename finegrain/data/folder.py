@@ -29,6 +29,18 @@ def demo_root() -> Path:
     return DEMO_ROOT
 
 
+DEMO_DATA = "demo"  # a recipe's `data.root: demo` means the data set shipped with finegrain
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """The recipe's data folder; `demo` is the shipped demo data, null asks for --data."""
+    if root is None:
+        raise FinegrainError("No data folder given. Pass --data DIR (or set data.root in the recipe).")
+    if root == DEMO_DATA:
+        return DEMO_ROOT
+    return Path(root).expanduser()
+
+
 def class_names(folder: Path, kind: str) -> list[str]:
     """Sorted names of the visible sub-folders of `folder`: one class each."""
     names = sorted(child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))

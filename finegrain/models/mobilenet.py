@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -29,15 +31,26 @@ class MobileNetConfig:
 
 
 class DepthwiseSeparable(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, se_reduction: int | None, drop_block: nn.Module) -> None:
+    """Depthwise 3x3 and pointwise 1x1, each BN/ReLU6; given its layers as timm's blocks are."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        attn_layer: Callable[[int], nn.Module] | None = None,
+        drop_block: nn.Module | None = None,
+        act_layer: type[nn.Module] = nn.ReLU6,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         self.conv_dw = nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False)
-        self.bn_dw = nn.BatchNorm2d(in_ch)
+        self.bn_dw = norm_layer(in_ch)
         self.conv_pw = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-        self.bn_pw = nn.BatchNorm2d(out_ch)
-        self.act = nn.ReLU6(inplace=True)
-        self.se = SqueezeExcite(out_ch, se_reduction) if se_reduction else nn.Identity()
-        self.drop_block = drop_block
+        self.bn_pw = norm_layer(out_ch)
+        self.act = act_layer(inplace=True)
+        self.se = attn_layer(out_ch) if attn_layer is not None else nn.Identity()
+        self.drop_block = drop_block if drop_block is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.drop_block(self.bn_dw(self.conv_dw(x))))
@@ -56,12 +69,13 @@ class MobileNetV1(nn.Module):
         self.conv_stem = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.act1 = nn.ReLU6(inplace=True)
+        attn_layer = partial(SqueezeExcite, reduction=cfg.se_reduction) if cfg.se_reduction else None
         blocks, in_ch, total_stride = [], stem, 2
         for channels, stride in MOBILENET_V1_BLOCKS:
             total_stride *= stride
             out_ch = max(8, int(channels * scale))
-            drop: nn.Module = DropBlock2d(cfg.drop_block_size) if cfg.drop_block and total_stride >= 16 else nn.Identity()
-            blocks.append(DepthwiseSeparable(in_ch, out_ch, stride, cfg.se_reduction, drop))
+            drop = DropBlock2d(cfg.drop_block_size) if cfg.drop_block and total_stride >= 16 else None
+            blocks.append(DepthwiseSeparable(in_ch, out_ch, stride, attn_layer, drop))
             in_ch = out_ch
         self.blocks = nn.Sequential(*blocks)
         self.num_features = in_ch

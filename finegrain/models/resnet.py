@@ -4,10 +4,14 @@ Flags cover ResNet (torchvision-equivalent names, so torchvision and timm state 
 they are), ResNet-D, SE, Selective Kernel, anti-aliased downsampling, DropBlock, BigLittleNet
 (the release's "resnet_version 2") and a stride-free Stage 4 for retrieval. Block order and
 padding follow the authors' TF release (see REFERENCE.md and the release fixtures' README).
+As in timm, the config's names are resolved once (`layer_kwargs`) to the layer classes that
+blocks and stages are given; no block reads the config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,106 +67,133 @@ class ResNetConfig:
     num_classes: int = 1000
 
 
-def make_shortcut(cfg: ResNetConfig, in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
-    """The projection shortcut of a block layer's first block (always present in the release)."""
-    conv_stride = stride if cfg.shortcut == "conv" and not (cfg.aa_filter and cfg.aa_on_projection) else 1
-    conv = nn.Conv2d(in_ch, out_ch, 1, conv_stride, bias=False)
-    bn = nn.BatchNorm2d(out_ch)
-    if stride > 1 and cfg.aa_filter and cfg.aa_on_projection:
-        return nn.Sequential(BlurPool2d(cfg.aa_filter, stride), conv, bn)
-    if cfg.shortcut == "conv":
-        return nn.Sequential(conv, bn)
-    if cfg.shortcut == "avg_d":
+def make_shortcut(
+    kind: str,
+    in_ch: int,
+    out_ch: int,
+    stride: int,
+    norm_layer: type[nn.Module] = nn.BatchNorm2d,
+    aa_layer: Callable[..., nn.Module] | None = None,
+    d_pool_at_stride1: bool = False,
+) -> nn.Sequential:
+    """The projection shortcut of a block layer's first block (always present in the release).
+
+    kind: "conv" strided 1x1, "avg_d" ResNet-D 2x2 avg-pool then 1x1, "biglittle" 3x3/2 avg-pool
+    (padding counted) then 1x1. An `aa_layer` blurs before an unstrided 1x1 instead (Table 3).
+    """
+    blur = stride > 1 and aa_layer is not None
+    conv = nn.Conv2d(in_ch, out_ch, 1, stride if kind == "conv" and not blur else 1, bias=False)
+    norm = norm_layer(out_ch)
+    if blur:
+        return nn.Sequential(aa_layer(stride=stride), conv, norm)
+    if kind == "conv":
+        return nn.Sequential(conv, norm)
+    if kind == "avg_d":
         if stride > 1:
             pool: nn.Module = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
         else:
-            pool = AvgPoolSame(2, 1) if cfg.d_pool_at_stride1 else nn.Identity()
-        return nn.Sequential(pool, conv, bn)
-    if cfg.shortcut == "biglittle":
+            pool = AvgPoolSame(2, 1) if d_pool_at_stride1 else nn.Identity()
+        return nn.Sequential(pool, conv, norm)
+    if kind == "biglittle":
         pool = nn.AvgPool2d(3, stride, 1, count_include_pad=True) if stride > 1 else nn.Identity()
-        return nn.Sequential(pool, conv, bn)
-    raise ValueError(f"unknown shortcut {cfg.shortcut!r}")
+        return nn.Sequential(pool, conv, norm)
+    raise ValueError(f"unknown shortcut {kind!r}")
 
 
 class Bottleneck(nn.Module):
-    """Post-activation bottleneck in the release's order (DropBlock after every BN, SE before add)."""
+    """Post-activation bottleneck in the release's order (DropBlock after every BN, SE before add).
+
+    Like timm's blocks it is given its layers rather than a config: `attn_layer(channels)` (SE),
+    `aa_layer(stride=)` (blur before a strided 3x3, which then runs at stride 1), `sk_layer(in,
+    out, stride=)` (a Selective Kernel unit in place of the 3x3, with its own BN and ReLU), and
+    `drop_block`, one module shared by a stage's blocks (the trainer sets its keep_prob).
+    """
 
     expansion = 4
 
     def __init__(
         self,
-        cfg: ResNetConfig,
         in_ch: int,
         width: int,
         stride: int = 1,
-        project: bool = False,
+        downsample: nn.Module | None = None,
         final_act: bool = True,
-        drop_block: DropBlock2d | None = None,
+        act_layer: type[nn.Module] = nn.ReLU,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        attn_layer: Callable[[int], nn.Module] | None = None,
+        aa_layer: Callable[..., nn.Module] | None = None,
+        sk_layer: Callable[..., nn.Module] | None = None,
+        drop_block: nn.Module | None = None,
     ) -> None:
         super().__init__()
         out_ch = width * self.expansion
-        blur = stride > 1 and cfg.aa_filter > 0 and cfg.aa_on_conv
-        conv_stride = 1 if blur else stride
+        use_aa = stride > 1 and aa_layer is not None
+        conv_stride = 1 if use_aa else stride
         self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        if cfg.sk:
-            self.conv2: nn.Module = SelectiveKernel(
-                width, width, conv_stride, cfg.sk, cfg.sk_reduction, cfg.sk_min_hidden
-            )
+        self.bn1 = norm_layer(width)
+        if sk_layer is not None:
+            self.conv2: nn.Module = sk_layer(width, width, stride=conv_stride)
             self.bn2: nn.Module = nn.Identity()
         else:
             self.conv2 = nn.Conv2d(width, width, 3, conv_stride, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(width)
-        self.aa = BlurPool2d(cfg.aa_filter, stride) if blur else nn.Identity()
+            self.bn2 = norm_layer(width)
+        self.aa = aa_layer(stride=stride) if use_aa else nn.Identity()
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        self.se = SqueezeExcite(out_ch, cfg.se_reduction) if cfg.se_reduction else nn.Identity()
-        self.downsample = make_shortcut(cfg, in_ch, out_ch, stride) if project else None
+        self.bn3 = norm_layer(out_ch)
+        # `se` for any attn_layer: the name torchvision-style checkpoints and the release mapping use.
+        self.se = attn_layer(out_ch) if attn_layer is not None else nn.Identity()
+        self.downsample = downsample
         self.drop_block = drop_block if drop_block is not None else nn.Identity()
-        self.act = nn.ReLU(inplace=True)
+        self.act1 = act_layer(inplace=True)
+        self.act2 = act_layer(inplace=True) if sk_layer is None else nn.Identity()  # SK ends in its ReLU
+        self.act3 = act_layer(inplace=True)
         self.final_act = final_act
-        self.sk = bool(cfg.sk)
+        self.sk = sk_layer is not None  # the release converter maps an SK unit's own scopes
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.drop_block(self.downsample(x))
-        x = self.act(self.drop_block(self.bn1(self.conv1(x))))
-        if self.sk:
-            x = self.drop_block(self.conv2(x))
-        else:
-            x = self.act(self.drop_block(self.bn2(self.conv2(x))))
+        x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
+        x = self.act2(self.drop_block(self.bn2(self.conv2(x))))
         x = self.aa(x)
         x = self.se(self.drop_block(self.bn3(self.conv3(x))))
         x = x + shortcut
-        return self.act(x) if self.final_act else x
+        return self.act3(x) if self.final_act else x
 
 
 def make_layer(
-    cfg: ResNetConfig,
     in_ch: int,
     width: int,
     blocks: int,
     stride: int,
-    drop_block: DropBlock2d | None,
+    downsample_layer: Callable[[int, int, int], nn.Module],
     last_final_act: bool = True,
+    **block_kwargs: Any,
 ) -> nn.Sequential:
-    """A block layer: a projecting first block at `stride`, then blocks at stride 1.
+    """A block layer: a first block at `stride` with a `downsample_layer(in, out, stride)`
+    shortcut, then blocks at stride 1; `block_kwargs` are the blocks' layers.
 
     The release drops the final ReLU of a BL big branch's last block, but never of a layer's
     first block (which only matters for a one-block big branch).
     """
     layers = []
+    out_ch = width * Bottleneck.expansion
     for index in range(blocks):
-        final_act = last_final_act or index == 0 or index < blocks - 1
-        layers.append(Bottleneck(cfg, in_ch, width, stride if index == 0 else 1, index == 0, final_act, drop_block))
-        in_ch = width * Bottleneck.expansion
+        first = index == 0
+        final_act = last_final_act or first or index < blocks - 1
+        block_stride = stride if first else 1
+        downsample = downsample_layer(in_ch, out_ch, block_stride) if first else None
+        layers.append(Bottleneck(in_ch, width, block_stride, downsample, final_act, **block_kwargs))
+        in_ch = out_ch
     return nn.Sequential(*layers)
 
 
-def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    return nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(out_ch)
+def conv_bn(
+    in_ch: int, out_ch: int, kernel: int, stride: int = 1, norm_layer: type[nn.Module] = nn.BatchNorm2d
+) -> tuple[nn.Conv2d, nn.Module]:
+    return nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=False), norm_layer(out_ch)
 
 
 class BigLittleStem(nn.Module):
@@ -187,29 +218,31 @@ class BigLittleStem(nn.Module):
 
 
 class BigLittleStage(nn.Module):
-    """Stages 1-3 of BigLittleNet: a big branch at half resolution, a thin little branch at full
-    resolution, merged by nearest upsampling, a ReLU'd sum and one block at the stage's stride."""
+    """Stages 1-3 of BigLittleNet: a big branch at half resolution, a thin little branch (width /
+    alpha, depth / beta) at full resolution, merged by nearest upsampling, a ReLU'd sum and one
+    block at the stage's stride. `layer_kwargs` are make_layer's (shortcut and block layers)."""
 
     def __init__(
         self,
-        cfg: ResNetConfig,
         in_ch: int,
         width: int,
         depth: int,
         merge_stride: int,
-        drop_block: DropBlock2d | None,
+        alpha: int,
+        beta: int,
+        **layer_kwargs: Any,
     ) -> None:
         super().__init__()
-        alpha, beta = cfg.biglittle or (2, 4)
         if depth < 2:
             raise ValueError("a BigLittle stage needs at least 2 blocks")
         out_ch = width * Bottleneck.expansion
-        self.big = make_layer(cfg, in_ch, width, depth - 1, 2, drop_block, last_final_act=False)
+        self.big = make_layer(in_ch, width, depth - 1, 2, last_final_act=False, **layer_kwargs)
         little_width = width // alpha
-        self.little = make_layer(cfg, in_ch, little_width, max(1, depth // beta - 1), 1, drop_block)
-        self.little_expand = nn.Sequential(*conv_bn(little_width * Bottleneck.expansion, out_ch, 1))
-        self.merge = make_layer(cfg, out_ch, width, 1, merge_stride, drop_block)
-        self.act = nn.ReLU(inplace=True)
+        self.little = make_layer(in_ch, little_width, max(1, depth // beta - 1), 1, **layer_kwargs)
+        norm_layer = layer_kwargs.get("norm_layer", nn.BatchNorm2d)
+        self.little_expand = nn.Sequential(*conv_bn(little_width * Bottleneck.expansion, out_ch, 1, norm_layer=norm_layer))
+        self.merge = make_layer(out_ch, width, 1, merge_stride, **layer_kwargs)
+        self.act = layer_kwargs.get("act_layer", nn.ReLU)(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         big = self.big(x)
@@ -218,6 +251,21 @@ class BigLittleStage(nn.Module):
         # sizes, and it also accepts sizes that are not multiples of 32.
         big = F.interpolate(big, size=little.shape[-2:], mode="nearest")
         return self.merge(self.act(little + big))
+
+
+def layer_kwargs(cfg: ResNetConfig) -> dict[str, Any]:
+    """The config's names resolved, once, to the layers make_layer and the blocks take."""
+    blur = partial(BlurPool2d, cfg.aa_filter) if cfg.aa_filter else None
+    return {
+        "downsample_layer": partial(make_shortcut, cfg.shortcut, aa_layer=blur if cfg.aa_on_projection else None,
+                                    d_pool_at_stride1=cfg.d_pool_at_stride1),
+        "act_layer": nn.ReLU,
+        "norm_layer": nn.BatchNorm2d,
+        "attn_layer": partial(SqueezeExcite, reduction=cfg.se_reduction) if cfg.se_reduction else None,
+        "aa_layer": blur if cfg.aa_on_conv else None,
+        "sk_layer": partial(SelectiveKernel, kind=cfg.sk, reduction=cfg.sk_reduction, min_hidden=cfg.sk_min_hidden)
+        if cfg.sk else None,
+    }
 
 
 class ResNet(nn.Module):
@@ -232,15 +280,17 @@ class ResNet(nn.Module):
             stage: DropBlock2d(cfg.drop_block_size, cfg.drop_block_gamma_scales[stage - 1])
             for stage in cfg.drop_block_stages
         }
+        layers = layer_kwargs(cfg)
         in_ch = nf
         for stage in range(1, 5):
             width = nf * 2 ** (stage - 1)
             blocks = cfg.layers[stage - 1]
             if cfg.biglittle and stage < 4:
-                layer: nn.Module = BigLittleStage(cfg, in_ch, width, blocks, (2, 2, 1)[stage - 1], drop.get(stage))
+                layer: nn.Module = BigLittleStage(in_ch, width, blocks, (2, 2, 1)[stage - 1], *cfg.biglittle,
+                                                  drop_block=drop.get(stage), **layers)
             else:
                 stride = cfg.stage4_stride if stage == 4 else (1, 2, 2)[stage - 1]
-                layer = make_layer(cfg, in_ch, width, blocks, stride, drop.get(stage))
+                layer = make_layer(in_ch, width, blocks, stride, drop_block=drop.get(stage), **layers)
             self.add_module(f"layer{stage}", layer)
             in_ch = width * Bottleneck.expansion
         self.num_features = in_ch
@@ -268,6 +318,8 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown stem {cfg.stem!r}")
         self.bn1 = nn.BatchNorm2d(nf)
         self.act1 = act
+        # `maxpool` is the stem's downsampling whatever it is (for BigLittle a module of convs): the
+        # name torchvision/timm state dicts, saved checkpoints and the release mapping's keys use.
         if cfg.stem == "biglittle":
             self.maxpool: nn.Module = BigLittleStem(nf, (cfg.biglittle or (2, 4))[0])
         elif cfg.aa_filter and cfg.aa_on_maxpool:

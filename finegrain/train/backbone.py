@@ -17,15 +17,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from finegrain.errors import FinegrainError
 from finegrain.models import CheckpointInfo, DataRecord, create_model
 from finegrain.models.metadata import TEACHER, to_metadata
 from finegrain.recipes import Recipe
-from finegrain.train.resume import seed_everything
+from finegrain.train.distill import check_kd_settings, teacher_logits_for_split
 from finegrain.train.fgvc import (ClassificationTask, classification_datasets, classification_splits,
-                                  recipe_data_record, recipe_preprocessing, warm_start)
-from finegrain.train.teacher_logits import teacher_logits_for_split
+                                  recipe_data_record, recipe_preprocessing)
+from finegrain.train.resume import seed_everything
 from finegrain.train.trainer import Trainer
+from finegrain.train.warm_start import warm_start
 
 
 class BackboneTask(ClassificationTask):
@@ -49,14 +49,6 @@ def build_backbone_model(recipe: Recipe, num_classes: int, echo: Callable[[str],
                        echo, resuming, without_weights=None)
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
     return model
-
-
-def check_kd_settings(recipe: Recipe) -> None:
-    if getattr(recipe, "kd_required", False) and not recipe.regularization.kd.logits:
-        raise FinegrainError(
-            f"Recipe {recipe.name} distils from a teacher (the paper's KD), but regularization.kd.logits is not set. "
-            "Write the logits with `finegrain teacher-logits --weights TEACHER --data DIR --out FILE` and pass "
-            "--teacher-logits FILE (regularization.kd.logits), or --set kd_required=false to train without KD.")
 
 
 def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,

@@ -14,20 +14,42 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from finegrain.data.base import Split
+from finegrain.data import Split, resolve_data_root
 from finegrain.errors import FinegrainError
 from finegrain.eval.classification import predict_logits, topk_accuracy
-from finegrain.models import CheckpointInfo, DataRecord, create_model, load_backbone_weights
-from finegrain.models.factory import warm_start_architecture
+from finegrain.models import CheckpointInfo, DataRecord, create_model
 from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
 from finegrain.recipes import Recipe
 from finegrain.train.resume import RESUME_FILE, seed_everything
-from finegrain.train.losses import ClassificationLoss
-from finegrain.train.teacher_logits import teacher_logits_for_split
+from finegrain.train.distill import distillation_loss, teacher_logits_for_split, teacher_probabilities
+from finegrain.train.losses import smooth_targets, soft_cross_entropy
+from finegrain.train.mixup import mixed_one_hot
 from finegrain.train.trainer import Task, TrainBatch, Trainer
+from finegrain.train.warm_start import warm_start
 
-DEMO_DATA = "demo"  # `data.root: demo` means the data set shipped with finegrain
+class ClassificationLoss(nn.Module):
+    """CE(smoothed, Mixup-mixed labels) [+ T^2 * CE(student / T, mixed teacher probabilities)].
+
+    Shapes: logits and teacher logits [B, C]; labels [B] int64; lam [B] float (weight of the first
+    sample of each Mixup pair, 1 where there is no partner).
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.temperature = temperature
+
+    def forward(self, logits: Tensor, labels: Tensor, partner_labels: Tensor | None = None,
+                lam: Tensor | None = None, teacher_logits: Tensor | None = None,
+                partner_teacher_logits: Tensor | None = None) -> Tensor:
+        targets = smooth_targets(mixed_one_hot(labels, self.num_classes, partner_labels, lam), self.label_smoothing)
+        loss = soft_cross_entropy(logits, targets)
+        if teacher_logits is not None:
+            probs = teacher_probabilities(teacher_logits, self.temperature, partner_teacher_logits, lam)
+            loss = loss + distillation_loss(logits, probs, self.temperature)
+        return loss
 
 
 class ClassificationTask(Task):
@@ -61,17 +83,6 @@ class ClassificationTask(Task):
         return to_metadata(CheckpointInfo(classes=tuple(self.classes), data=self.data, task="fgvc"))
 
 
-def resolve_data_root(root: str | None) -> Path:
-    """The recipe's data folder; `demo` is the shipped demo data, null asks for --data."""
-    if root is None:
-        raise FinegrainError("No data folder given. Pass --data DIR (or set data.root in the recipe).")
-    if root == DEMO_DATA:
-        from finegrain.data import DEMO_ROOT
-
-        return Path(DEMO_ROOT)
-    return Path(root).expanduser()
-
-
 def recipe_data_record(recipe: Recipe) -> DataRecord:
     """Where a run trains, as its checkpoints record it (an absolute folder: read from anywhere)."""
     root = resolve_data_root(recipe.data.root).resolve()
@@ -95,11 +106,6 @@ def fgvc_train_transform(pre: Preprocessing, data: Any, autoaugment: str | None)
     return transforms.train_transform(pre, autoaugment, data.crop_min_area)
 
 
-def loud_warning(message: str, echo: Callable[[str], None]) -> None:
-    bar = "!" * 78
-    echo(f"{bar}\n!! {message}\n{bar}")
-
-
 def build_fgvc_model(recipe: Recipe, num_classes: int, echo: Callable[[str], None],
                      resuming: bool = False) -> nn.Module:
     """The recipe's backbone with a fresh `num_classes` head, warm-started from model.weights.
@@ -111,31 +117,6 @@ def build_fgvc_model(recipe: Recipe, num_classes: int, echo: Callable[[str], Non
                        echo, resuming, "Fine-tuning needs pretrained weights (--weights FILE) to reach the paper's "
                        "accuracy.")
     model.preprocessing = recipe_preprocessing(recipe, model.preprocessing)
-    return model
-
-
-def warm_start(build: Callable[[str, dict[str, Any]], nn.Module], recipe: Recipe, echo: Callable[[str], None],
-               resuming: bool, without_weights: str | None) -> nn.Module:
-    """The recipe's network, made by `build(name, overrides)`, with recipe.model.weights loaded
-    into everything but its head, saying so.
-
-    A weights file that records its architecture (a `finegrain convert` or training output)
-    decides the network when the recipe's does not fit it. Without weights, warn loudly
-    (`without_weights` says why it matters) where the recipe expects them; the demos and
-    pretraining (None) start from scratch on purpose.
-    """
-    name, overrides, weights = recipe.model.name, dict(recipe.model.overrides), recipe.model.weights
-    if not weights:
-        if not resuming and without_weights and recipe.model.expects_weights:
-            loud_warning(f"No backbone weights: {name} starts from RANDOM INITIALISATION. {without_weights}", echo)
-        return build(name, overrides)
-    name, overrides, note = warm_start_architecture(name, overrides, weights)
-    if note and not resuming:
-        echo(note)
-    model = build(name, overrides)
-    counts = load_backbone_weights(model, weights, reset_bn_stats=recipe.model.reset_bn_stats)
-    if not resuming:
-        echo(f"warm start from {weights}: {counts['loaded']} tensors loaded, {counts['skipped']} (head) skipped")
     return model
 
 

@@ -25,10 +25,12 @@ from finegrain.models import CheckpointInfo, DataRecord, create_embedder
 from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
 from finegrain.recipes import Recipe, RetrievalRecipe
-from finegrain.train.fgvc import recipe_data_record, resolve_data_root, warm_start
+from finegrain.data import resolve_data_root
+from finegrain.train.fgvc import recipe_data_record
 from finegrain.train.metric_losses import create_metric_loss
 from finegrain.train.optim import ParamGroupSpec
 from finegrain.train.trainer import Task, TrainBatch, Trainer
+from finegrain.train.warm_start import warm_start
 
 
 # ------------------------------------------------------------------------------------- batches

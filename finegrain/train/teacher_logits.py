@@ -1,34 +1,24 @@
-"""Writing the offline teacher logits of the paper's knowledge distillation, and matching them
-to a training split.
+"""Computing the offline teacher logits of the paper's knowledge distillation.
 
 The paper computes the teacher's logits once, before training, on the un-augmented training
-images (an EfficientNet-B7 teacher for the backbone; Section 3.2). The file is the format of
-finegrain.train.teacher (safetensors: "logits" [N, C] fp32 plus JSON metadata) with the image
-paths written RELATIVE TO THE DATA ROOT, so a data set that moves or is mounted elsewhere keeps
-its logits; extra metadata records the class names, the teacher's preprocessing and
-architecture, so a file made for other classes is refused by name, not only by count.
+images (an EfficientNet-B7 teacher for the backbone; Section 3.2). They are written in the format
+of finegrain.train.distill (which also reads them back for training) with the image paths
+relative to the data root, the class names, the teacher's preprocessing and architecture, so a
+file made for other classes is refused by name, not only by count.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from finegrain.data import Sample, Split
 from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
-from finegrain.models.metadata import (PATHS_RELATIVE_TO, TEACHER, TEACHER_ARCH, CheckpointInfo, check_classes,
-                                       parse_metadata, read_header)
-from finegrain.train import teacher
-
-
-def split_keys(samples: Sequence[Sample], root: str | Path) -> list[str]:
-    """The logits keys of `samples`: their paths relative to the data root, '/'-separated."""
-    return [Path(os.path.relpath(sample.path, root)).as_posix() for sample in samples]
+from finegrain.models.metadata import PATHS_RELATIVE_TO, TEACHER, TEACHER_ARCH, CheckpointInfo, check_classes
+from finegrain.train.distill import save_teacher_logits, split_keys
 
 
 def teacher_fingerprint(weights: str | Path) -> str:
@@ -113,21 +103,8 @@ def write_teacher_logits(weights: str | Path, data: str | Path, out: str | Path,
     info = CheckpointInfo(classes=tuple(train.classes), preprocessing=model.preprocessing,
                           extra={TEACHER: fingerprint, PATHS_RELATIVE_TO: "data root",
                                  TEACHER_ARCH: str(getattr(model, "arch", type(model).__name__))})
-    teacher.save_teacher_logits(out, split_keys(train.samples, data), logits, info)
+    save_teacher_logits(out, split_keys(train.samples, data), logits, info)
     accuracy = topk_accuracy(logits, labels, ks=(1,))["top1"]
     return {"out": Path(out), "images": len(train), "classes": len(train.classes), "teacher": fingerprint,
             "teacher_top1": accuracy}
 
-
-def teacher_logits_for_split(path: str | Path, split: Split, root: str | Path) -> tuple[Tensor, dict[str, str]]:
-    """The rows of a teacher-logits file for `split` (dataset order) and the file's metadata.
-
-    Refuses, naming what differs, a file whose class count, image count, image paths or (when
-    recorded) class names do not match the split.
-    """
-    logits = teacher.load_teacher_logits(path, split_keys(split.samples, root), len(split.classes))
-    header = read_header(path)
-    recorded = parse_metadata(header.metadata, path).classes
-    check_classes(CheckpointInfo(classes=recorded), split.classes, f"The teacher of {path}", "the training data",
-                  "Write the logits with a teacher fine-tuned on this data set")
-    return logits, header.metadata
