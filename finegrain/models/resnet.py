@@ -230,19 +230,21 @@ class BigLittleStage(nn.Module):
         merge_stride: int,
         alpha: int,
         beta: int,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_layer: type[nn.Module] = nn.ReLU,
         **layer_kwargs: Any,
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError("a BigLittle stage needs at least 2 blocks")
         out_ch = width * Bottleneck.expansion
+        layer_kwargs = {**layer_kwargs, "norm_layer": norm_layer, "act_layer": act_layer}
         self.big = make_layer(in_ch, width, depth - 1, 2, last_final_act=False, **layer_kwargs)
         little_width = width // alpha
         self.little = make_layer(in_ch, little_width, max(1, depth // beta - 1), 1, **layer_kwargs)
-        norm_layer = layer_kwargs.get("norm_layer", nn.BatchNorm2d)
-        self.little_expand = nn.Sequential(*conv_bn(little_width * Bottleneck.expansion, out_ch, 1, norm_layer=norm_layer))
+        self.little_expand = nn.Sequential(*conv_bn(little_width * Bottleneck.expansion, out_ch, 1, 1, norm_layer))
         self.merge = make_layer(out_ch, width, 1, merge_stride, **layer_kwargs)
-        self.act = layer_kwargs.get("act_layer", nn.ReLU)(inplace=True)
+        self.act = act_layer(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         big = self.big(x)
@@ -256,11 +258,13 @@ class BigLittleStage(nn.Module):
 def layer_kwargs(cfg: ResNetConfig) -> dict[str, Any]:
     """The config's names resolved, once, to the layers make_layer and the blocks take."""
     blur = partial(BlurPool2d, cfg.aa_filter) if cfg.aa_filter else None
+    norm_layer = nn.BatchNorm2d
     return {
-        "downsample_layer": partial(make_shortcut, cfg.shortcut, aa_layer=blur if cfg.aa_on_projection else None,
+        "downsample_layer": partial(make_shortcut, cfg.shortcut, norm_layer=norm_layer,
+                                    aa_layer=blur if cfg.aa_on_projection else None,
                                     d_pool_at_stride1=cfg.d_pool_at_stride1),
         "act_layer": nn.ReLU,
-        "norm_layer": nn.BatchNorm2d,
+        "norm_layer": norm_layer,
         "attn_layer": partial(SqueezeExcite, reduction=cfg.se_reduction) if cfg.se_reduction else None,
         "aa_layer": blur if cfg.aa_on_conv else None,
         "sk_layer": partial(SelectiveKernel, kind=cfg.sk, reduction=cfg.sk_reduction, min_hidden=cfg.sk_min_hidden)
