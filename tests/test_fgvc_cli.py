@@ -56,7 +56,11 @@ def fails_with(result: Result, pattern: str) -> None:
 def test_fgvc_trains_and_eval_reproduces_its_top1(tiny_data: Path, tmp_path: Path) -> None:
     result = run("fgvc", "--recipe", "demo", "--data", tiny_data, "--out", tmp_path / "run", *TINY)
     assert result.exit_code == 0, result.output
-    assert "RANDOM INITIALISATION" in result.output and "best checkpoint" in result.output
+    # The demo starts from scratch on purpose: no loud warning; a recipe that expects weights warns.
+    assert "RANDOM INITIALISATION" not in result.output and "best checkpoint" in result.output
+    expecting = run("fgvc", "--recipe", "demo", "--data", tiny_data, "--out", tmp_path / "expecting", *TINY,
+                    "--set", "model.expects_weights=true")
+    assert expecting.exit_code == 0 and "RANDOM INITIALISATION" in expecting.output, expecting.output
     rows = report.read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1] and 0.0 <= rows[0]["top1"] <= 1.0
     assert finegrain.load_model(tmp_path / "run" / "best.safetensors").arch == "assemble_resnet50"
@@ -92,9 +96,10 @@ def test_bad_input_gets_one_clear_message(tiny_data: Path, tmp_path: Path) -> No
     fails_with(run("fgvc", "--recipe", "demo", "--set", "optim.lr=fast", "--out", tmp_path / "c"),
                "'optim.lr' must be a number")
     fails_with(run("fgvc", "--resume", "--out", tmp_path / "nothing"), "holds no recipe.yaml")
+    # A plain state dict records no architecture: weights of another one are refused, naming it.
     other_arch = finegrain.create_model("resnet50", num_classes=3, base_width=4)
-    finegrain.save_model(other_arch, tmp_path / "r50.safetensors")
-    fails_with(run("fgvc", "--recipe", "demo", "--data", tiny_data, "--weights", tmp_path / "r50.safetensors",
+    torch.save(other_arch.state_dict(), tmp_path / "r50.pth")
+    fails_with(run("fgvc", "--recipe", "demo", "--data", tiny_data, "--weights", tmp_path / "r50.pth",
                    "--out", tmp_path / "d", *TINY), "do not fit 'assemble_resnet50'")
 
 
