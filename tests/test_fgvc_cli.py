@@ -139,12 +139,14 @@ def test_lite0_package_weights_load_by_key_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_recipe_reaches_90_percent(tmp_path: Path) -> None:
-    """The shipped demo: `finegrain fgvc --recipe demo` with no other argument (~2 min here)."""
+def test_demo_recipe_keeps_its_92_percent_promise(tmp_path: Path) -> None:
+    """The shipped demo: `finegrain fgvc --recipe demo` with no other argument (2-4 min). Over
+    seeds 0-5 it ends at 156-159 of 160 (benchmarks/RESULTS_fgvc.md), so 148 of 160 (92.5%)
+    leaves 8 images of margin for another CPU's rounding."""
     result = run("fgvc", "--recipe", "demo", "--out", tmp_path / "demo", "--quiet")
     assert result.exit_code == 0, result.output
     rows = report.read_metrics(tmp_path / "demo")
-    assert len(rows) == 25 and rows[-1]["top1"] >= 0.90, [r["top1"] for r in rows]
+    assert len(rows) == 25 and rows[-1]["top1"] >= 148 / 160, [r["top1"] for r in rows]
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import finegrain
-from finegrain.cli.models import count_macs
+from finegrain.eval.throughput import count_macs
 from finegrain.errors import FinegrainError
 from finegrain.models import VARIANTS, load_model, save_model, set_drop_block_keep_prob
 from finegrain.models.resnet import BigLittleStage

@@ -17,46 +17,13 @@ if TYPE_CHECKING:  # torch loads inside the commands, so that `--help` stays ins
 console = Console()
 
 
-def count_macs(model: torch.nn.Module, resolution: int) -> int:
-    """Multiply-accumulates of one image (torch's FLOP counter / 2: convs and dense layers).
-
-    Runs on whatever device the model is on; a model built on the meta device counts in
-    milliseconds without computing anything.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, resolution, resolution, device=device))
-    return counter.get_total_flops() // 2
-
-
-def model_rows(num_classes: int = 1000) -> list[dict]:
-    import torch
-
-    from finegrain.models import VARIANTS, create_model
-
-    rows = []
-    for name, spec in VARIANTS.items():
-        with torch.device("meta"):
-            model = create_model(name, num_classes=num_classes)
-        rows.append({
-            "name": name,
-            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "macs": count_macs(model, spec.resolution),
-            "resolution": spec.resolution,
-            "description": spec.description,
-        })
-    return rows
-
-
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, params, macs, resolution}."),
     num_classes: int = typer.Option(1000, help="Classifier size used for the parameter count."),
 ) -> None:
     """List every registered variant with its parameters and MACs at its paper resolution."""
+    from finegrain.eval.throughput import model_rows
+
     rows = model_rows(num_classes)
     if as_json:
         print(json.dumps([{k: row[k] for k in ("name", "params", "macs", "resolution")} for row in rows], indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finegrain.data.base import Entry, Split, register, require_file, samples_from
-from finegrain.data.lists import Line, check_unique, key_and_rest, read_lines, relative_path
+from finegrain.data.lists import Line, check_unique, class_list, key_and_rest, read_lines, relative_path
 
 LAYOUT = ("ROOT/data/images_variant_trainval.txt and ROOT/data/images_variant_test.txt (lines "
           "'image_id variant name'), ROOT/data/variants.txt, ROOT/data/images/<image_id>.jpg "
@@ -23,13 +23,8 @@ def load_aircraft(root: Path) -> dict[str, Split]:
              "test": require_file(data, "images_variant_test.txt", "aircraft")}
     entries = {split: [_entry(data, line) for line in read_lines(path)] for split, path in lists.items()}
     check_unique(((image.stem, where) for split in entries.values() for image, _, where in split), "image id")
-    variants_file = data / "variants.txt"
-    if variants_file.is_file():
-        lines = read_lines(variants_file)
-        check_unique(((line.text, line.where) for line in lines), "variant")
-        classes = [line.text for line in lines]
-    else:
-        classes = sorted({variant for split in entries.values() for _, variant, _ in split})
+    classes = class_list(data / "variants.txt", (variant for split in entries.values() for _, variant, _ in split),
+                         "variant")
     return {split: Split(samples_from(entries[split], classes, path), classes) for split, path in lists.items()}
 
 

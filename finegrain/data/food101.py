@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finegrain.data.base import Entry, Split, register, require_file, samples_from
-from finegrain.data.lists import Line, check_unique, read_lines, relative_path
+from finegrain.data.lists import Line, check_unique, class_list, read_lines, relative_path
 
 LAYOUT = ("ROOT/meta/train.txt and ROOT/meta/test.txt (lines 'class/image_id'), ROOT/meta/classes.txt, "
           "ROOT/images/<class>/<image_id>.jpg (ROOT = the extracted food-101/ folder)")
@@ -19,13 +19,8 @@ def load_food101(root: Path) -> dict[str, Split]:
     lists = {name: require_file(root, f"meta/{name}.txt", "food101") for name in ("train", "test")}
     entries = {name: [_entry(root, line) for line in read_lines(path)] for name, path in lists.items()}
     check_unique(((str(image), where) for split in entries.values() for image, _, where in split), "image")
-    classes_file = root / "meta" / "classes.txt"
-    if classes_file.is_file():
-        lines = read_lines(classes_file)
-        check_unique(((line.text, line.where) for line in lines), "class")
-        classes = [line.text for line in lines]
-    else:
-        classes = sorted({name for split in entries.values() for _, name, _ in split})
+    classes = class_list(root / "meta" / "classes.txt", (name for split in entries.values() for _, name, _ in split),
+                         "class")
     return {name: Split(samples_from(entries[name], classes, path), classes) for name, path in lists.items()}
 
 

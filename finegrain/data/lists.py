@@ -118,3 +118,13 @@ def check_unique(keys: Iterable[tuple[str, str]], what: str) -> None:
                                  f"appear once in a data set, or images would be counted twice or leak from train "
                                  f"into test. {_ORIGINAL}.")
         first[key] = where
+
+
+def class_list(path: Path, labels: Iterable[str], what: str) -> list[str]:
+    """The classes named one a line in `path` (their order is the label order), or, where the
+    data set ships no such file, the sorted labels its split lists use."""
+    if not path.is_file():
+        return sorted(set(labels))
+    lines = read_lines(path)
+    check_unique(((line.text, line.where) for line in lines), what)
+    return [line.text for line in lines]

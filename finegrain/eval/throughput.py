@@ -42,3 +42,37 @@ def measure_throughput(
             time_once(model, x, device)
         timings = sorted(time_once(model, x, device) for _ in range(iterations))
     return batch_size / timings[len(timings) // 2]
+
+
+def count_macs(model: nn.Module, resolution: int) -> int:
+    """Multiply-accumulates of one image (torch's FLOP counter / 2: convs and dense layers).
+
+    Runs on whatever device the model is on; a model built on the meta device counts in
+    milliseconds without computing anything.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, resolution, resolution, device=device))
+    return counter.get_total_flops() // 2
+
+
+def model_rows(num_classes: int = 1000) -> list[dict]:
+    """Parameters and MACs of every registered variant at its paper resolution, counted on the
+    meta device (nothing is allocated or computed)."""
+    from finegrain.models import VARIANTS, create_model
+
+    rows = []
+    for name, spec in VARIANTS.items():
+        with torch.device("meta"):
+            model = create_model(name, num_classes=num_classes)
+        rows.append({
+            "name": name,
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "macs": count_macs(model, spec.resolution),
+            "resolution": spec.resolution,
+            "description": spec.description,
+        })
+    return rows
