@@ -39,22 +39,11 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 
 def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str]) -> None:
-    from finegrain.models import read_info
-    from finegrain.eval.retrieval_eval import evaluate_retrieval
-    from finegrain.train.retrieval import load_zero_shot_splits
+    from finegrain.train.retrieval import evaluate_saved_embedder
 
     if weights is None:
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
-    info = read_info(weights)
-    beside = weights.parent / "recipe.yaml"  # the run directory's resolved recipe
-    recipe_name = recipe_name or (str(beside) if beside.is_file() else info.recipe)
-    if recipe_name is None:
-        raise FinegrainError(f"{weights} does not record its recipe. Pass --recipe NAME (its data and Recall@K).")
-    if data is None and info.data is not None:
-        data = Path(info.data.root)
-    recipe = _load(recipe_name, overrides + ([f"data.root={quoted(data)}"] if data else []), None)
-    report = evaluate_retrieval(weights, load_zero_shot_splits(recipe)["test"], recipe.retrieval.recall_ks,
-                                recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers)
+    recipe, report = evaluate_saved_embedder(weights, recipe_name, data, overrides)
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
                   f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
     results.print(_metrics_table("zero-shot retrieval", {"%": report.to_metrics()}))

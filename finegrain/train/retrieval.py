@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -192,3 +193,29 @@ def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = F
              f"MAP@R {100 * start['map@r']:.2f}% -> {100 * summary['last'].get('map@r', float('nan')):.2f}% (last)")
     return summary
 
+
+
+def evaluate_saved_embedder(weights: Path, recipe_name: str | None, data: Path | None,
+                            overrides: list[str]) -> tuple[RetrievalRecipe, Any]:
+    """Recall@K / MAP@R of a saved embedder on its recipe's unseen test classes.
+
+    The recipe is the one given, else the run directory's resolved recipe.yaml beside the
+    weights, else the one the checkpoint records; the data folder likewise defaults to the one
+    the checkpoint was trained on. Returns (recipe, RetrievalReport).
+    """
+    from finegrain.eval.retrieval_eval import evaluate_retrieval
+    from finegrain.models import read_info
+    from finegrain.recipes import load_recipe
+
+    info = read_info(weights)
+    beside = weights.parent / "recipe.yaml"
+    recipe_name = recipe_name or (str(beside) if beside.is_file() else info.recipe)
+    if recipe_name is None:
+        raise FinegrainError(f"{weights} does not record its recipe. Pass --recipe NAME (its data and Recall@K).")
+    if data is None and info.data is not None:
+        data = Path(info.data.root)
+    data_override = [f"data.root={json.dumps(str(data))}"] if data else []
+    recipe = load_recipe(recipe_name, overrides + data_override, group="retrieval", schema=RetrievalRecipe)
+    report = evaluate_retrieval(weights, load_zero_shot_splits(recipe)["test"], recipe.retrieval.recall_ks,
+                                recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers)
+    return recipe, report
