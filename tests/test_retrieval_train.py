@@ -319,9 +319,15 @@ def test_cli_bad_input_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_recipe_beats_its_untrained_backbone(tmp_path):
+def test_demo_recipe_learns_to_retrieve_unseen_apple_varieties(tmp_path):
+    """The shipped demo (about a minute): 5 apple varieties never trained on. Seed 0's untrained
+    network scores Recall@1 168/170 and MAP@R 0.569; after 8 epochs it has 170/170 and MAP@R
+    0.72 (0.71-0.77 from epoch 2 on). Over seeds 0-7 the MAP@R gain is +0.12 on average
+    (benchmarks/RESULTS_retrieval.md); 0.05 leaves room for another CPU's rounding."""
     result = CliRunner().invoke(_cli(), ["--recipe", "demo", "--out", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    start, best = rows[0], max(rows[1:], key=lambda row: row["recall@1"])
-    assert start["epoch"] == 0 and best["recall@1"] > start["recall@1"]
+    start, last = rows[0], rows[-1]
+    assert [row["epoch"] for row in rows] == list(range(9))
+    assert last["map@r"] >= start["map@r"] + 0.05, [row["map@r"] for row in rows]
+    assert max(row["recall@1"] for row in rows[1:]) > start["recall@1"], [row["recall@1"] for row in rows]
