@@ -31,7 +31,7 @@ from finegrain.errors import FinegrainError
 from finegrain.train.resume import RESUME_FILE, load_resume_state
 from test_trainer import make_tiny_folder
 
-STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 training photos in batches of 4
+STEPS_PER_EPOCH, EPOCHS = 6, 2  # 24 training photos, 6 of them held out for validation, in batches of 3
 PROGRESS = re.compile(r"epoch (\d+)/\d+:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 TIMING = ("time", "images_per_s")
 
@@ -105,7 +105,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_folder(tmp_path_factory.mktemp("photos"))
 
 
-def write_recipe(folder: Path, data_root: Path, mixup: int | None, workers: int, **train: object) -> Path:
+# Selection on a validation part (2 photos of each class's 8) and an EMA of the weights: both
+# must resume exactly too. The other runs train on the whole split and choose on test.
+HONEST = {"eval": {"select_on": "val", "val_fraction": 0.25}, "ema": {"enabled": True, "decay": 0.9}}
+PAPER = {"eval": {"select_on": "test"}}
+
+
+def write_recipe(folder: Path, data_root: Path, mixup: int | None, workers: int, selection: dict = PAPER,
+                 **train: object) -> Path:
     """A tiny recipe with every random part on: augmentation + AutoAugment, Mixup, DropBlock."""
     recipe = {
         "name": "tiny-resume",
@@ -117,6 +124,7 @@ def write_recipe(folder: Path, data_root: Path, mixup: int | None, workers: int,
                            "dropblock": {"start": 0.9, "end": 0.7}, "autoaugment": "cifar10"},
         "train": {"epochs": EPOCHS, "batch_size": 4, "workers": workers, "amp": "fp32", "channels_last": True,
                   "seed": 3, "bn_momentum_rule": True, "threads": 1, **train},
+        **selection,
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"tiny-mixup{mixup}-workers{workers}.yaml"
@@ -143,7 +151,8 @@ def metrics_rows(run: Path) -> list[dict]:
 
 
 def assert_same_run(reference: Path, run: Path) -> None:
-    for name in ("last.safetensors", "best.safetensors"):
+    assert (run / "validation.json").read_text() == (reference / "validation.json").read_text()
+    for name in ("last.safetensors", "best.safetensors", "ema.safetensors"):
         expected, got = load_file(reference / name), load_file(run / name)
         assert expected.keys() == got.keys()
         for key in expected:
@@ -164,7 +173,8 @@ def test_a_run_stopped_at_a_random_step_resumes_bit_exactly(data_root: Path, tmp
                                                             sig: int, stop_at: int) -> None:
     # Mixup type 2 (its partners and lambdas), one loader worker. Type 1's paired loading resumes
     # mid-epoch in test_trainer.py, without workers and with them.
-    recipe = write_recipe(tmp_path_factory.getbasetemp() / "recipes", data_root, mixup=2, workers=1)
+    recipe = write_recipe(tmp_path_factory.getbasetemp() / "recipes", data_root, mixup=2, workers=1, selection=HONEST,
+                          batch_size=3)
     reference = reference_run(recipe)
     run = tmp_path_factory.mktemp("stopped")
     status, log, shown_at = run_cli(["fgvc", "--recipe", str(recipe), "--out", str(run)], stop_at=stop_at, sig=sig)

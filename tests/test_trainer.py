@@ -157,16 +157,14 @@ def test_mixup_mixes_each_image_with_its_partner(kind: int) -> None:
     batch = Mixup(kind, 0.2, seed=3)(images, labels, indices, step=0)
     size = 3 if kind == 1 else 6  # type 1: the loader sent 3 samples, then their 3 partners
     assert batch.images.shape == (size, 3, 4, 4) and batch.lam.shape == (size,)
-    assert torch.equal(batch.labels, labels[:size]) and torch.equal(batch.indices, indices[:size])
+    first = torch.arange(3) if kind == 1 else torch.tensor([0, 1, 2, 0, 1, 2])  # type 2: the release's halves
+    assert torch.equal(batch.labels, labels[first]) and torch.equal(batch.indices, indices[first])
     partners = batch.partner_indices - 10
-    if kind == 1:
-        assert partners.tolist() == [3, 4, 5]
-    else:
-        assert sorted(partners.tolist()) == list(range(6))
+    assert partners.tolist() == ([3, 4, 5] if kind == 1 else [3, 4, 5, 5, 4, 3])
     assert torch.equal(batch.partner_labels, labels[partners])
     for i in range(size):
         lam = batch.lam[i]
-        assert torch.allclose(batch.images[i], lam * images[i] + (1 - lam) * images[partners[i]])
+        assert torch.allclose(batch.images[i], lam * images[first[i]] + (1 - lam) * images[partners[i]])
     assert Mixup(None, 0.2, seed=3)(images, labels, indices, step=0).lam is None
 
 
@@ -227,7 +225,8 @@ TINY = {"model": {"name": "assemble_resnet50", "overrides": {"base_width": 4}},
         "regularization": {"label_smoothing": 0.1, "mixup": {"type": 1, "alpha": 0.2},
                            "dropblock": {"start": 0.9, "end": 0.7}, "autoaugment": "cifar10"},
         "train": {"epochs": 2, "batch_size": 8, "workers": 0, "amp": "fp32", "channels_last": True,
-                  "seed": 3, "bn_momentum_rule": True}}
+                  "seed": 3, "bn_momentum_rule": True},
+        "eval": {"select_on": "test"}}  # the whole split trains; test_selection.py holds out validation
 
 
 def make_tiny_folder(root: Path, classes: int = 3, train: int = 8, test: int = 4, first_class: int = 0) -> Path:
@@ -284,6 +283,16 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_fixed_tf_bn_momentum_reaches_every_bn_layer(tiny_splits: dict, tmp_path: Path) -> None:
+    """train.bn_momentum is in TF terms: the release's 0.997 keeps 99.7% of the running average."""
+    train = {**TINY["train"], "bn_momentum_rule": False, "bn_momentum": 0.997}
+    trainer = make_trainer(tiny_splits, tmp_path, extra={"train": train})
+    momenta = [m.momentum for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert momenta and all(m == pytest.approx(0.003) for m in momenta), set(momenta)
+    with pytest.raises(FinegrainError, match="train.bn_momentum"):
+        recipe_from_dict({**TINY, "train": {**train, "bn_momentum_rule": True}})
+
+
 def test_run_directory_contract(tiny_splits: dict, tmp_path: Path) -> None:
     trainer = make_trainer(tiny_splits, tmp_path)
     summary = trainer.fit()
@@ -292,8 +301,8 @@ def test_run_directory_contract(tiny_splits: dict, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        assert {"epoch", "loss", "lr", "top1", "top5", "time", "images_per_s"} <= row.keys()
-        assert 0.0 <= row["top1"] <= row["top5"] <= 1.0 and row["loss"] > 0 and row["images_per_s"] > 0
+        assert {"epoch", "loss", "lr", "test_top1", "test_top5", "time", "images_per_s"} <= row.keys()
+        assert 0.0 <= row["test_top1"] <= row["test_top5"] <= 1.0 and row["loss"] > 0 and row["images_per_s"] > 0
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine decay
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert recipe_from_dict(__import__("yaml").safe_load((tmp_path / "recipe.yaml").read_text())) == trainer.recipe
@@ -303,7 +312,9 @@ def test_run_directory_contract(tiny_splits: dict, tmp_path: Path) -> None:
     assert (last.preprocessing.train_size, last.preprocessing.crop) == (32, 32)
     best = finegrain.load_model(tmp_path / "best.safetensors")
     assert int(best.metadata["finegrain.epoch"]) == summary["best"]["epoch"]
-    assert summary["best"]["value"] == max(r["top1"] for r in rows)
+    value = max(r["test_top1"] for r in rows)  # a tie goes to the later epoch
+    assert summary["best"] == {"metric": "test_top1", "value": value,
+                               "epoch": max(r["epoch"] for r in rows if r["test_top1"] == value)}
     state = torch.load(tmp_path / resume.RESUME_FILE, weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 0, 2 * 24 // 8)
     # DropBlock's keep_prob reached the recipe's end value on the last step

@@ -89,4 +89,4 @@ def test_installed_wheel_lists_recipes_and_trains_the_demo(wheel_install: tuple[
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert (tmp_path / "run" / "best.safetensors").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["epoch"] == 1 and 0.0 <= rows[-1]["top1"] <= 1.0
+    assert rows[-1]["epoch"] == 1 and 0.0 <= rows[-1]["test_top1"] <= 1.0

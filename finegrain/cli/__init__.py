@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 
 from finegrain.cli import backbone, convert, data, eval as evaluate, fgvc, index, models, recipes, retrieval, robustness
+from finegrain.cli import serve
+from finegrain.cli import embed
+from finegrain.cli import export
 from finegrain.errors import FinegrainError
 
 app = typer.Typer(
@@ -26,9 +29,11 @@ app = typer.Typer(
 app.command("models")(models.models)
 app.command("bench")(models.bench)
 app.command("convert")(convert.convert)
+app.command("export")(export.export)
 app.command("fgvc")(fgvc.fgvc)
 app.command("eval")(evaluate.evaluate)
 app.command("retrieval")(retrieval.retrieval)
+app.command("embed")(embed.embed)
 app.add_typer(index.app, name="index")
 app.add_typer(backbone.app, name="backbone")
 app.command("teacher-logits")(backbone.teacher_logits)
@@ -36,6 +41,7 @@ app.command("robustness")(robustness.robustness)
 app.command("compare")(robustness.compare)
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(data.app, name="data")
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

@@ -53,13 +53,14 @@ def train(
     chosen, run_dir = choose_recipe(recipe, out, resume, overrides, lambda name, sets: load_recipe(
         name, sets, group="backbone", schema=BackboneRecipe))
     summary = run_backbone(chosen, run_dir, resume=resume, progress=not quiet, echo=echo)
-    table = Table(title=f"{chosen.name}: top-k accuracy on the held-out split (%)")
-    for column in ("checkpoint", "epoch", "top-1", "top-5"):
-        table.add_column(column, justify="right" if column != "checkpoint" else "left")
+    table = Table(title=f"{chosen.name}: top-k accuracy (%), best chosen on {chosen.eval.select_on}")
     rows = {row["epoch"]: row for row in report.read_metrics(Path(run_dir))}
+    columns = report.split_columns(rows.values(), (("top1", "top-1"), ("top5", "top-5")))
+    for column in ("checkpoint", "epoch", *(label for _, label in columns)):
+        table.add_column(column, justify="right" if column != "checkpoint" else "left")
     for name, epoch in (("best", summary["best"]["epoch"]), ("last", summary["last"].get("epoch"))):
         row = rows.get(epoch, {})
-        table.add_row(name, str(epoch), *(f"{100 * row[k]:.2f}" if k in row else "-" for k in ("top1", "top5")))
+        table.add_row(name, str(epoch), *(f"{100 * row[k]:.2f}" if k in row else "-" for k, _ in columns))
     results.print(table)
     results.print(f"backbone checkpoint: {Path(run_dir) / 'best.safetensors'} (fine-tune it with "
                   f"`finegrain fgvc --weights ...`)", highlight=False)

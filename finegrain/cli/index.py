@@ -52,9 +52,13 @@ def _size(count: int) -> str:
 
 @app.command()
 def build(
-    weights: Path = typer.Option(..., help="Model weights saved by finegrain (safetensors)."),
-    images: Path = typer.Option(..., help="Folder of images; sub-folder names become labels."),
+    weights: Optional[Path] = typer.Option(None, help="Model weights saved by finegrain (safetensors)."),
+    images: Optional[Path] = typer.Option(None, help="Folder of images; sub-folder names become labels."),
     out: Path = typer.Option(..., help="Index folder to create (written atomically)."),
+    embeddings: Optional[Path] = typer.Option(None, help="Instead of --weights/--images: a `finegrain embed` folder, "
+                                              "a .npy file or a folder of .npy files."),
+    metadata: Optional[Path] = typer.Option(None, help="With a .npy --embeddings: CSV with column id (optional label, "
+                                            "path), one row per embedding."),
     index_key: Optional[str] = typer.Option(None, help="faiss index_factory key; default: picked by size and memory."),
     max_memory: str = typer.Option("4G", help="Memory budget of the index, e.g. 512M, 4G."),
     recall_target: float = typer.Option(0.95, help="Recall@k against exact search that tuning must reach."),
@@ -65,10 +69,24 @@ def build(
     shard_size: Optional[int] = typer.Option(None, min=1, help="Images per resumable embedding shard "
                                              "(default: 4096, finegrain.eval.embed.DEFAULT_SHARD_SIZE)."),
 ) -> None:
-    """Embed every image and write a tuned faiss index with its metadata."""
+    """Embed every image (or read --embeddings) and write a tuned faiss index with its metadata."""
+    from finegrain.errors import FinegrainError
     from finegrain.eval.embed import DEFAULT_SHARD_SIZE
     from finegrain.index.build import build_index
 
+    if embeddings is not None:
+        if weights is not None or images is not None:
+            raise FinegrainError("--embeddings replaces --weights and --images. Pass either --embeddings, or both "
+                                 "--weights and --images.")
+        from finegrain.index.embeddings import build_index_from_embeddings
+
+        report = build_index_from_embeddings(embeddings, out, metadata=metadata, index_key=index_key,
+                                             max_memory=max_memory, recall_target=recall_target, recall_k=recall_k)
+        _summary(report, "indexed")
+        console.print(f"wrote {out}")
+        return
+    if weights is None or images is None or metadata is not None:
+        raise FinegrainError("Pass --weights and --images (or --embeddings DIR, with --metadata for a .npy).")
     report = build_index(images, out, weights=weights, index_key=index_key, max_memory=max_memory,
                          recall_target=recall_target, recall_k=recall_k, batch_size=batch_size, device=device,
                          workers=workers, shard_size=shard_size or DEFAULT_SHARD_SIZE)
@@ -104,14 +122,19 @@ def search(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ...; default: a GPU when present."),
     label: Optional[str] = typer.Option(None, help="Class of the query images, to mark right and wrong neighbours "
                                                    "(default: known only for queries in a class folder of the index)."),
+    rerank: Optional[str] = typer.Option(None, help="Re-rank the neighbours: aqe, dba or kreciprocal (exact search "
+                                         "over the kept embeddings; dba and kreciprocal cost one search of the "
+                                         "whole collection)."),
 ) -> None:
     """Print the k nearest indexed images of each query (path, label, cosine similarity).
 
     Exits with status 2 when no query image could be read.
     """
+    from finegrain.eval.rerank import Rerank
     from finegrain.index.search import draw_grid, search_index
 
-    report = search_index(index, queries, k=k, weights=weights, device=device, label=label)
+    report = search_index(index, queries, k=k, weights=weights, device=device, label=label,
+                          rerank=Rerank(rerank) if rerank else None)
     if grid is not None:
         draw_grid(report, grid)
     if as_json:
@@ -151,7 +174,8 @@ def info(
             ("recall", f"{facts['recall']:.3f} @{facts['recall_k']} vs exact (target {facts['recall_target']})"),
             ("latency", f"{facts['latency_ms']:.3f} ms/query batched, exact {facts['exact_latency_ms']:.3f}"),
             ("model", f"{facts['model']['arch']} {facts['model']['weights']} "
-                      f"sha256 {facts['model']['weights_sha256'][:16]}..."),
+                      f"sha256 {facts['model']['weights_sha256'][:16]}..." if facts["model"] else
+                      "none: built from embeddings made elsewhere (search by vector)"),
             ("chosen", f"{facts['index']['chosen_by']}: {facts['index']['reason']}"),
             ("built", f"{facts['build']['created']} from {', '.join(facts['build']['sources'])}"),
             ("unreadable", str(facts["failed"]))]

@@ -30,23 +30,28 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
-    keys = list(dict.fromkeys(k for values in columns.values() for k in values
-                              if k.startswith("recall@") or k == "map@r"))
+    keys = list(dict.fromkeys(k for values in columns.values() for k in values  # "recall@1", "val_map@r"
+                              if k.rpartition("_")[2].startswith("recall@") or k.rpartition("_")[2] == "map@r"))
     for key in keys:
-        label = "MAP@R" if key == "map@r" else f"Recall@{key.split('@')[1]}"
-        table.add_row(label, *(f"{100 * values[key]:.2f}" if key in values else "-" for values in columns.values()))
+        split, _, metric = key.rpartition("_")
+        label = "MAP@R" if metric == "map@r" else f"Recall@{metric.split('@')[1]}"
+        table.add_row(f"{split} {label}".strip(), *(f"{100 * values[key]:.2f}" if key in values else "-" for values in columns.values()))
     return table
 
 
-def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str]) -> None:
+def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str],
+               rerank: Optional[str] = None) -> None:
+    from finegrain.eval.rerank import Rerank
     from finegrain.train.retrieval import evaluate_saved_embedder
 
     if weights is None:
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
-    recipe, report = evaluate_saved_embedder(weights, recipe_name, data, overrides)
+    recipe, report = evaluate_saved_embedder(weights, recipe_name, data, overrides,
+                                             rerank=Rerank(rerank) if rerank else None)
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
                   f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
-    results.print(_metrics_table("zero-shot retrieval", {"%": report.to_metrics()}))
+    title = "zero-shot retrieval" + (f", re-ranked by {rerank}" if rerank else "")
+    results.print(_metrics_table(title, {"%": report.to_metrics()}))
 
 
 def retrieval(
@@ -62,16 +67,20 @@ def retrieval(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its resume state"),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --weights: Recall@K and MAP@R"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="With --eval-only: re-rank each query's neighbours "
+                                         "by aqe, dba or kreciprocal before scoring"),
 ) -> None:
     """Fine-tune a GeM embedder with a metric loss; Recall@K / MAP@R on unseen classes every epoch."""
     from finegrain.train import report
     from finegrain.train.retrieval import run_retrieval
 
     overrides = list(assignments or [])
+    if rerank and not eval_only:
+        raise FinegrainError("--rerank re-ranks an evaluation. Add --eval-only (training always scores plain search).")
     if eval_only:
         if resume:
             raise FinegrainError("--eval-only and --resume do not go together. Drop one of them.")
-        _eval_only(recipe, weights, data, overrides)
+        _eval_only(recipe, weights, data, overrides, rerank)
         return
     if data is not None:
         overrides.append(f"data.root={quoted(data)}")
@@ -83,6 +92,7 @@ def retrieval(
     rows = {row["epoch"]: row for row in report.read_metrics(Path(run_dir))}
     best_epoch = summary["best"]["epoch"]
     columns = {"epoch 0 (not fine-tuned)": rows.get(0, {}), f"best (epoch {best_epoch})": rows.get(best_epoch, {})}
-    results.print(f"{chosen.name}: zero-shot retrieval on the unseen test classes (%)", highlight=False)
+    results.print(f"{chosen.name}: zero-shot retrieval on unseen classes (%), best chosen on "
+                  f"{chosen.eval.select_on}", highlight=False)
     results.print(_metrics_table("", columns))
     results.print(f"best checkpoint: {Path(run_dir) / 'best.safetensors'}", highlight=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from finegrain.data import aircraft, cars, cub, flowers, food101, pets, sop  # noqa: F401 - register readers
+from finegrain.data import aircraft, cars, csv_layout, cub, flowers, food101, inshop, pets, sop  # noqa: F401 - register readers
 from finegrain.data.base import IMAGE_EXTENSIONS, Sample, Split, kinds, layout_of, load_splits
 from finegrain.data.folder import DEMO_ROOT, demo_root, resolve_data_root
 from finegrain.data.images import BadImageWarning, ImageDataset, check_images, decode_rgb

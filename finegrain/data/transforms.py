@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would otherwise query PyPI
 
@@ -17,10 +18,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
+from finegrain.data.autoaugment_release import POLICIES as RELEASE_POLICIES  # noqa: E402
+from finegrain.data.autoaugment_release import ReleaseAutoAugment  # noqa: E402
 from finegrain.errors import FinegrainError  # noqa: E402
 from finegrain.preprocessing import Preprocessing  # noqa: E402
 
+# torchvision's policies (their own magnitudes); the release's (TF magnitudes) are RELEASE_POLICIES.
 AUTOAUGMENT_POLICIES = {"imagenet": v2.AutoAugmentPolicy.IMAGENET, "cifar10": v2.AutoAugmentPolicy.CIFAR10}
+PixelOps = Callable[[torch.Tensor], torch.Tensor]
 _LINEAR = cv2.INTER_LINEAR
 
 
@@ -35,7 +40,7 @@ class ImageTransform:
     """
 
     def __init__(self, geometry: list[A.BasicTransform], pre: Preprocessing,
-                 pixel_ops: v2.Transform | None = None, stochastic: bool = True) -> None:
+                 pixel_ops: PixelOps | None = None, stochastic: bool = True) -> None:
         self.geometry = A.Compose(geometry)
         self.pixel_ops = pixel_ops
         self.normalize = v2.Normalize(mean=list(pre.mean), std=list(pre.std))
@@ -57,7 +62,8 @@ class ImageTransform:
 
 def train_transform(pre: Preprocessing, autoaugment: str | None = None, crop_min_area: float = 0.05) -> ImageTransform:
     """Random resized crop (5%-100% of the area by default, aspect 3/4-4/3) to `pre.train_size`,
-    horizontal flip, optional AutoAugment ("imagenet" for backbones, "cifar10" for FGVC)."""
+    horizontal flip, optional AutoAugment on the resized crop, as the release applies it
+    ("release_imagenet" for backbones, "release_good" for FGVC; torchvision's "imagenet", "cifar10")."""
     geometry = [
         A.RandomResizedCrop(size=(pre.train_size, pre.train_size), scale=(crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=_LINEAR),
@@ -94,10 +100,12 @@ def retrieval_eval_transform(pre: Preprocessing, size: int = 256) -> ImageTransf
     return ImageTransform([A.Resize(size, size, interpolation=_LINEAR)], pre, stochastic=False)
 
 
-def _autoaugment(policy: str | None) -> v2.AutoAugment | None:
+def _autoaugment(policy: str | None) -> PixelOps | None:
     if policy is None:
         return None
+    if policy in RELEASE_POLICIES:
+        return ReleaseAutoAugment(policy)
     if policy not in AUTOAUGMENT_POLICIES:
         raise FinegrainError(f"Unknown AutoAugment policy {policy!r}. "
-                             f"Use one of: {', '.join(AUTOAUGMENT_POLICIES)}, or none.")
+                             f"Use one of: {', '.join([*AUTOAUGMENT_POLICIES, *RELEASE_POLICIES])}, or none.")
     return v2.AutoAugment(AUTOAUGMENT_POLICIES[policy])

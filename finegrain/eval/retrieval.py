@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -28,6 +28,9 @@ import torch
 from tqdm import tqdm
 
 from finegrain.errors import FinegrainError
+
+if TYPE_CHECKING:
+    from finegrain.eval.rerank import Rerank
 
 ArrayLike = torch.Tensor | np.ndarray
 # (queries [B, D] float32, k) -> (scores [B, k] float32, gallery ids [B, k] int64)
@@ -69,6 +72,7 @@ def retrieval_metrics(
     *,
     batch_size: int = 4096,
     device: str | torch.device | None = None,
+    rerank: Rerank | None = None,
 ) -> RetrievalReport:
     """Recall@K for every K in `ks` and MAP@R, from a single exact neighbour search.
 
@@ -78,6 +82,7 @@ def retrieval_metrics(
         ks: the K of Recall@K, each in ``[1, N - 1]``.
         batch_size: most queries searched at once; lowered automatically for deep searches.
         device: ``"cpu"``, ``"cuda[:i]"`` for faiss GPU, or None for a faiss GPU when faiss sees one.
+        rerank: re-rank each query's neighbours (eval/rerank.py) before scoring them.
 
     Returns:
         RetrievalReport with ``recall`` (K -> fraction), ``map_at_r``, ``n_queries`` (scored) and
@@ -100,6 +105,7 @@ def retrieval_metrics(
     max_r = int(positives.max())
     depth = max(max(ks), max_r)  # neighbours each query needs, itself excluded
     search = _searcher(gallery, depth + 2, device)
+    reranked = rerank.prepare(gallery, search) if rerank is not None else None
     rows = min(batch_size, max(1, _BATCH_WORKSPACE_BYTES // (_BYTES_PER_CANDIDATE * (depth + 2))))
 
     hits = dict.fromkeys(ks, 0)  # integer counts: Recall@K = hits / queries, one float64 division
@@ -108,7 +114,8 @@ def retrieval_metrics(
     batch_starts = range(0, len(scored_ids), rows)
     for start in tqdm(batch_starts, desc="retrieval search", unit="batch", leave=False, disable=None):
         query_ids = scored_ids[start : start + rows]
-        neighbour_ids = _neighbours(search, gallery, query_ids, depth)
+        neighbour_ids = (_neighbours(search, gallery, query_ids, depth) if reranked is None
+                         else reranked.neighbours(query_ids, depth))
         relevant = class_ids[neighbour_ids] == class_ids[query_ids, None]  # [B, depth]
         first_hit = np.where(relevant.any(axis=1), relevant.argmax(axis=1), depth)
         for k in ks:

@@ -13,6 +13,8 @@ from finegrain.errors import FinegrainError
 from finegrain.eval.inference import InferenceOptions, Predictor, embedding_mode
 
 if TYPE_CHECKING:
+    from finegrain.eval.query_gallery import QueryGalleryReport
+    from finegrain.eval.rerank import Rerank
     from finegrain.eval.retrieval import RetrievalReport
 
 
@@ -28,9 +30,12 @@ def embed_loader(model: nn.Module, loader: Iterable, device: torch.device, dtype
 
 
 def evaluate_retrieval(weights: str | Path, test: Split, recall_ks: Sequence[int], batch_size: int = 64,
-                       workers: int = 2, device: torch.device | None = None, progress: bool = True) -> RetrievalReport:
+                       workers: int = 2, device: torch.device | None = None, progress: bool = True, *,
+                       gallery: Split | None = None,
+                       rerank: Rerank | None = None) -> RetrievalReport | QueryGalleryReport:
     """Recall@K and MAP@R of an embedder checkpoint on `test` (a zero-shot split: classes unseen
-    in training), preprocessed as the checkpoint records (its eval size squared, no crop), in FP32."""
+    in training), preprocessed as the checkpoint records (its eval size squared, no crop), in FP32.
+    With `gallery` (labelled over the same classes), `test` is the query set searched in it."""
     from finegrain.data import ImageDataset
     from finegrain.data.loaders import eval_loader
     from finegrain.eval.embed import image_transform
@@ -41,6 +46,11 @@ def evaluate_retrieval(weights: str | Path, test: Split, recall_ks: Sequence[int
     device = device or default_device()
     model = load_model(weights)
     transform = image_transform(model, model.preprocessing)
-    loader = eval_loader(ImageDataset(test.samples, transform), batch_size, workers, device.type == "cuda")
-    embeddings, labels = embed_loader(model, loader, device, progress=progress)
-    return retrieval_metrics(embeddings, labels, recall_ks, device=device)
+    parts = [test] if gallery is None else [test, gallery]
+    embedded = [embed_loader(model, eval_loader(ImageDataset(part.samples, transform), batch_size, workers,
+                                                device.type == "cuda"), device, progress=progress) for part in parts]
+    if gallery is None:
+        return retrieval_metrics(*embedded[0], recall_ks, device=device, rerank=rerank)
+    from finegrain.eval.query_gallery import query_gallery_metrics
+
+    return query_gallery_metrics(*embedded[0], *embedded[1], recall_ks, device=device, rerank=rerank)

@@ -204,6 +204,11 @@ def index_model(manifest: dict[str, Any], weights: str | Path | None = None) -> 
     """The index's own model: from `weights` if given, else the recorded path; the file must
     have the recorded SHA-256, so queries are embedded exactly as the collection was."""
     record = manifest["model"]
+    if record is None:
+        raise FinegrainError("This index was built from embeddings made elsewhere (`index build --embeddings`), so it "
+                             "has no model to embed images with. Search it by vector "
+                             "(finegrain.index.search.search_by_vector), or rebuild it from images or from "
+                             "`finegrain embed` output.")
     path = Path(weights) if weights is not None else Path(record["weights"])
     if not path.is_file():
         raise FinegrainError(f"The index's model weights {path} are missing. Pass --weights FILE with the weights "

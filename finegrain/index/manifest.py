@@ -232,6 +232,20 @@ def manifest_bytes(manifest: dict[str, Any]) -> tuple[bytes, bytes]:
     return text, f"{hashlib.sha256(text).hexdigest()}  {MANIFEST}\n".encode()
 
 
+def manifest_version(root: str | Path) -> str | None:
+    """The SHA-256 that manifest.sha256 gives for manifest.json: it changes with every build and
+    `add` (the manifest records when), so a server polls it to see a new version cheaply. None
+    while there is no readable checksum line (nothing is verified here: loading does that)."""
+    path = Path(root) / MANIFEST_CHECKSUM
+    try:
+        with open(path, "rb") as handle:
+            line = handle.read(1025)
+    except OSError:
+        return None
+    match = _CHECKSUM_LINE.fullmatch(line.decode("ascii", errors="replace"))
+    return match.group(1) if match else None
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """The manifest, refused unless its checksum matches and every field passes `check_manifest`."""
     root = Path(root)

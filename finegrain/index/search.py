@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -20,6 +20,9 @@ from finegrain.index.build import index_model, list_images
 from finegrain.index.manifest import rebuild_hint
 from finegrain.index.store import IndexFolder
 from finegrain.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    from finegrain.eval.rerank import Rerank
 
 CORRECT, WRONG, NEUTRAL = (20, 140, 20), (200, 30, 30), (60, 60, 60)  # grid caption colours
 
@@ -74,12 +77,23 @@ def expand_queries(queries: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def search_vectors(folder: IndexFolder, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids [Q, k] (-1 where fewer than k exist) and exact cosine similarities [Q, k], best first."""
+def search_vectors(folder: IndexFolder, vectors: np.ndarray, k: int,
+                   rerank: Rerank | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ids [Q, k] (-1 where fewer than k exist) and exact cosine similarities [Q, k], best first.
+
+    With `rerank` (eval/rerank.py) the order is the re-ranked one, found by exact search over the
+    kept embeddings (dba and kreciprocal search the whole collection once: O(N^2) work); the
+    similarities stay the plain cosines of query and item.
+    """
     if vectors.ndim != 2 or vectors.shape[1] != folder.dim:
         raise FinegrainError(f"Query embeddings are {vectors.shape[-1]}-d, the index holds {folder.dim}-d vectors. "
                              "Embed the queries with the index's own model.")
     k = min(k, folder.count)
+    if rerank is not None:
+        gallery = np.ascontiguousarray(folder.embeddings, dtype=np.float32)
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = rerank.prepare(gallery, queries=queries).neighbours(np.arange(len(queries)), k)
+        return ids, np.einsum("qkd,qd->qk", gallery[ids], queries)
     try:
         _, ids = folder.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
     except (RuntimeError, MemoryError) as error:
@@ -120,8 +134,9 @@ def query_labels(folder: IndexFolder, queries: Sequence[str], label: str | None 
 
 def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int = 10,
                  weights: str | Path | None = None, device: str | None = None, batch_size: int = 64,
-                 progress: bool = False, label: str | None = None) -> SearchReport:
-    """The k nearest indexed images of each query image (files or folders); `label`: the queries' class."""
+                 progress: bool = False, label: str | None = None, rerank: Rerank | None = None) -> SearchReport:
+    """The k nearest indexed images of each query image (files or folders); `label`: the queries' class;
+    `rerank`: re-rank the neighbours (see `search_vectors`)."""
     if k < 1:
         raise FinegrainError(f"--k {k} must be at least 1.")
     paths = expand_queries(queries)
@@ -137,16 +152,40 @@ def search_index(index_dir: str | Path, queries: Sequence[str | Path], *, k: int
             more = f" (and {len(embedded.failed) - 3} more)" if len(embedded.failed) > 3 else ""
             raise FinegrainError(f"None of the {len(paths)} query images could be read: {shown}{more}. "
                                  "Pass readable image files (JPEG, PNG, ...).")
-        ids, similarity = search_vectors(folder, embedded.embeddings, k)
-        results = []
-        labels = query_labels(folder, embedded.ok_paths, label)
-        for query, query_label, row_ids, row_sims in zip(embedded.ok_paths, labels, ids, similarity):
-            valid = row_ids >= 0
-            items = folder.items(row_ids[valid])
-            results.append(QueryResult(query, [Neighbour(rank + 1, item.id, item.path, item.label, float(sim))
-                                               for rank, (item, sim) in enumerate(zip(items, row_sims[valid]))],
-                                       query_label))
+        ids, similarity = search_vectors(folder, embedded.embeddings, k, rerank)
+        results = _results(folder, embedded.ok_paths, query_labels(folder, embedded.ok_paths, label), ids, similarity)
         return SearchReport(str(Path(index_dir)), k, results, embedded.failed)
+
+
+def search_by_vector(index_dir: str | Path, vectors: np.ndarray, *, k: int = 10,
+                     rerank: Rerank | None = None) -> SearchReport:
+    """The k nearest indexed items of each row of `vectors` ([Q, D], any norm: normalised here);
+    query i is named "vector i". Works for every index, also one built from embeddings made elsewhere."""
+    from finegrain.index.embedding_files import unit_rows
+
+    if k < 1:
+        raise FinegrainError(f"k={k} must be at least 1.")
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating) or 0 in vectors.shape:
+        raise FinegrainError(f"Query vectors must be a non-empty float array [Q, D], got {vectors.dtype} "
+                             f"{vectors.shape}.")
+    vectors = unit_rows(vectors, "query vectors", normalise=True)
+    with IndexFolder(index_dir) as folder:
+        ids, similarity = search_vectors(folder, vectors, k, rerank)
+        names = [f"vector {i}" for i in range(len(vectors))]
+        return SearchReport(str(Path(index_dir)), k, _results(folder, names, [None] * len(names), ids, similarity))
+
+
+def _results(folder: IndexFolder, queries: Sequence[str], labels: Sequence[str | None], ids: np.ndarray,
+             similarity: np.ndarray) -> list[QueryResult]:
+    results = []
+    for query, query_label, row_ids, row_sims in zip(queries, labels, ids, similarity):
+        valid = row_ids >= 0
+        items = folder.items(row_ids[valid])
+        results.append(QueryResult(query, [Neighbour(rank + 1, item.id, item.path, item.label, float(sim))
+                                           for rank, (item, sim) in enumerate(zip(items, row_sims[valid]))],
+                                   query_label))
+    return results
 
 
 def _thumbnail(path: str, size: int) -> Image.Image:

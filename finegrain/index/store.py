@@ -146,6 +146,11 @@ class IndexFolder:
     def all_items(self) -> list[Item]:
         return [Item(*row) for row in self._query("SELECT id, path, label, bytes, sha256 FROM items ORDER BY id")]
 
+    def item_with_checksum(self, sha256: str) -> Item | None:
+        """The indexed image with this content, if any (the column is UNIQUE, so this is a lookup)."""
+        rows = self._query("SELECT id, path, label, bytes, sha256 FROM items WHERE sha256 = ?", [sha256])
+        return Item(*rows[0]) if rows else None
+
     def checksums(self) -> set[str]:
         return {row[0] for row in self._query("SELECT sha256 FROM items")}
 

@@ -7,6 +7,7 @@ sections (retrieval, backbone pretraining) subclass `Recipe` and extend `problem
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ MAX_PROCESSES = 1024  # loader workers or threads: a typo must not fork thousand
 MODEL_OVERRIDE_BOUNDS = {"base_width": (1, 1024), "embedding_size": (0, 65536), "se_reduction": (1, 1024),
                          "sk_reduction": (1, 1024), "drop_block_size": (1, 64)}
 MAX_BLOCKS_PER_STAGE = 100  # ResNet-152 has 36
+PAPER_ROW = re.compile(r"[0-9]{1,2}:[A-Za-z0-9.=+-]{1,16}")  # table number, then the row as printed
 
 
 @dataclass
@@ -78,8 +80,9 @@ class ScheduleConfig:
 
 @dataclass
 class MixupConfig:
-    """Type 1: two independently loaded batches mixed (the paper's choice); type 2: a batch with
-    a shuffled copy of itself; null: off. One lambda per sample from Beta(alpha, alpha)."""
+    """Type 1: two independently loaded batches mixed (the paper's choice); type 2: the release's
+    one-batch variant (its halves mixed pairwise, and with the other half reversed); null: off.
+    One lambda per sample from Beta(alpha, alpha)."""
 
     type: Literal[1, 2] | None = None
     alpha: float = 0.2
@@ -107,7 +110,10 @@ class RegularizationConfig:
     mixup: MixupConfig = field(default_factory=MixupConfig)
     dropblock: DropBlockConfig = field(default_factory=DropBlockConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    autoaugment: Literal["imagenet", "cifar10"] | None = None
+    # "imagenet" / "cifar10": torchvision's policies and magnitudes; "release_good" (the release's
+    # 95-sub-policy CIFAR policy, its FGVC choice) and "release_imagenet": the release's policies
+    # with their TF magnitudes (finegrain.data.autoaugment_release).
+    autoaugment: Literal["imagenet", "cifar10", "release_good", "release_imagenet"] | None = None
 
 
 @dataclass
@@ -127,11 +133,41 @@ class TrainConfig:
     seed: int = 0
     # BN momentum max(1 - 10/s, 0.9) in TF terms, s = steps per epoch (Appendix B).
     bn_momentum_rule: bool = False
+    # A fixed BN momentum in TF terms (the share of the old running average kept: the release
+    # trains its backbones with 0.997); null: PyTorch's default 0.1 (TF 0.9) unless the rule is on.
+    bn_momentum: float | None = None
     # Under torchrun: batch_size is the GLOBAL batch, split evenly across processes; each rank's
     # share is split again into accumulate_steps micro-batches (reach batch 1024 on fewer GPUs).
     accumulate_steps: int = 1
-    sync_bn: bool = False  # SyncBatchNorm across processes (GPUs only)
+    # The batch BN normalises over while training (finegrain.train.batch_norm): per_process (each
+    # process's micro-batch), sync (all processes' micro-batches; GPUs) or virtual (groups of
+    # bn_virtual_size images, the same on any number of processes, with or without accumulation).
+    bn_batch: Literal["per_process", "sync", "virtual"] = "per_process"
+    bn_virtual_size: int | None = None
     freeze_bn: bool = False  # BN layers stay in eval mode while training (running statistics fixed)
+
+
+@dataclass
+class EvalConfig:
+    """Which split picks best.safetensors. "val": a validation part held out of the training data
+    (the data set's official one for Flowers-102 and FGVC-Aircraft, else a stratified `val_fraction`
+    drawn with `val_seed`; whole classes for zero-shot retrieval), the test split evaluated once at
+    the end; "test": the authors' protocol (every "best" figure is then optimistic)."""
+
+    select_on: Literal["val", "test"] = "val"
+    val_fraction: float = 0.1
+    val_seed: int = 0
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (timm's ModelEmaV3), kept in FP32, evaluated
+    each epoch beside the raw weights and saved as ema.safetensors. `warmup`: the decay grows as
+    1 - (1 + step)^(-2/3) up to `decay`, so early averages do not drag in the random start."""
+
+    enabled: bool = False
+    decay: float = 0.9998
+    warmup: bool = True
 
 
 @dataclass
@@ -149,12 +185,16 @@ Rule = tuple[bool, str, str]
 class Recipe:
     name: str = "unnamed"
     description: str = ""
+    # The paper's rows this recipe trains, "TABLE:ROW" ("7:E3", "10:F13"): `finegrain recipes --table 7`.
+    paper_rows: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def effective_lr(self) -> float:
@@ -187,12 +227,22 @@ class Recipe:
             (train.threads is not None and not 1 <= train.threads <= MAX_PROCESSES,
              "train.threads", f"in [1, {MAX_PROCESSES}], or null"),
             (train.accumulate_steps < 1, "train.accumulate_steps", "1 or more"),
+            (train.bn_momentum is not None and (train.bn_momentum_rule or not 0.0 <= train.bn_momentum < 1.0),
+             "train.bn_momentum", "in [0, 1) in TF terms (the release: 0.997), or null when train.bn_momentum_rule is on"),
+            ((train.bn_batch == "virtual") != (train.bn_virtual_size is not None) or
+             (train.bn_virtual_size is not None and train.bn_virtual_size < 2),
+             "train.bn_virtual_size", "2 or more with train.bn_batch=virtual, else null"),
             (not 0 <= train.seed < MAX_SEED, "train.seed", f"in [0, 2**{MAX_SEED.bit_length() - 1})"),
             (not 0.0 <= reg.label_smoothing < 1.0, "regularization.label_smoothing", "in [0, 1)"),
             (reg.mixup.alpha <= 0, "regularization.mixup.alpha", "positive"),
             (not 0.0 < reg.dropblock.start <= 1.0, "regularization.dropblock.start", "in (0, 1]"),
             (not 0.0 < reg.dropblock.end <= 1.0, "regularization.dropblock.end", "in (0, 1]"),
             (reg.kd.temperature <= 0, "regularization.kd.temperature", "positive"),
+            (not 0.0 < self.eval.val_fraction < 1.0, "eval.val_fraction", "in (0, 1)"),
+            (not 0 <= self.eval.val_seed < MAX_SEED, "eval.val_seed", f"in [0, 2**{MAX_SEED.bit_length() - 1})"),
+            (not 0.0 <= self.ema.decay < 1.0, "ema.decay", "in [0, 1)"),
+            *((not PAPER_ROW.fullmatch(row), "paper_rows", "a list of TABLE:ROW names such as 7:E3")
+              for row in self.paper_rows),
             *model_override_rules(self.model.overrides),
         ]
 

@@ -24,6 +24,7 @@ from finegrain.train.distill import check_kd_settings, teacher_logits_for_split
 from finegrain.train.fgvc import (ClassificationTask, classification_datasets, classification_splits,
                                   recipe_data_record, recipe_preprocessing)
 from finegrain.train.resume import seed_everything
+from finegrain.train.selection import keep_record, kept_rows, validation_split
 from finegrain.train.trainer import Trainer
 from finegrain.train.warm_start import warm_start
 
@@ -58,21 +59,23 @@ def run_backbone(recipe: Recipe, run_dir: str | Path, resume: bool = False, devi
     summary (best and last rows)."""
     echo = echo or (lambda message: print(message, file=sys.stderr))
     check_kd_settings(recipe)
-    root, train, held_out = classification_splits(recipe, run_dir, resume)
+    root, everything, held_out = classification_splits(recipe, run_dir, resume)
+    train, val, record = validation_split(recipe, root, everything)
     regularization = recipe.regularization
     teacher_logits = teacher = None
-    if regularization.kd.logits:
-        teacher_logits, metadata = teacher_logits_for_split(regularization.kd.logits, train, root)
-        teacher = metadata.get(TEACHER)
+    if regularization.kd.logits:  # the file covers the whole training split, the validation part too
+        teacher_logits, metadata = teacher_logits_for_split(regularization.kd.logits, everything, root)
+        teacher_logits, teacher = teacher_logits[kept_rows(everything, train)], metadata.get(TEACHER)
     seed_everything(recipe.train.seed)  # the random initialisation
     model = build_backbone_model(recipe, len(train.classes), echo, resuming=resume)
     task = BackboneTask(train.classes, regularization.label_smoothing, regularization.kd.temperature,
                         teacher_logits, teacher, recipe_data_record(recipe))
     pre = model.preprocessing
-    train_set, eval_set = classification_datasets(recipe, pre, train, held_out)
+    datasets = classification_datasets(recipe, pre, train, held_out, val)
     echo(f"{recipe.name}: pretraining {recipe.model.name} on {len(train)} images / {len(train.classes)} classes "
          f"(evaluated on {len(held_out)}), train {pre.train_size} px, eval {pre.resize}->{pre.crop}, "
          f"lr {recipe.effective_lr():.4g} at batch {recipe.train.batch_size}"
          f"{', KD from ' + str(regularization.kd.logits) if teacher_logits is not None else ''}, run dir {run_dir}")
-    trainer = Trainer(recipe, model, task, train_set, eval_set, run_dir, device=device, progress=progress, echo=echo)
+    trainer = Trainer(recipe, model, task, run_dir=run_dir, device=device, progress=progress, echo=echo, **datasets)
+    keep_record(run_dir, record, resume)  # once every input has been checked
     return trainer.fit(resume=resume)

@@ -22,6 +22,7 @@ from finegrain.models.metadata import to_metadata
 from finegrain.preprocessing import Preprocessing
 from finegrain.recipes import Recipe
 from finegrain.train.resume import RESUME_FILE, seed_everything
+from finegrain.train.selection import keep_record, kept_rows, validation_split
 from finegrain.train.distill import distillation_loss, teacher_logits_for_split, teacher_probabilities
 from finegrain.train.losses import smooth_targets, soft_cross_entropy
 from finegrain.train.mixup import mixed_one_hot
@@ -137,32 +138,41 @@ def classification_splits(recipe: Recipe, run_dir: str | Path, resume: bool) -> 
     return root, train, test
 
 
-def classification_datasets(recipe: Recipe, pre: Preprocessing, train: Split, test: Split) -> tuple[Any, Any]:
-    """(train set with the recipe's augmentation, test set with the eval transform)."""
+def classification_datasets(recipe: Recipe, pre: Preprocessing, train: Split, test: Split,
+                            val: Split | None = None) -> dict[str, Any]:
+    """The Trainer's data: train set with the recipe's augmentation, the selection split (the
+    validation part, else the test split) and, when selecting on val, the test split, both with
+    the eval transform."""
     from finegrain.data import ImageDataset
     from finegrain.data.transforms import eval_transform
 
-    return (ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data, recipe.regularization.autoaugment)),
-            ImageDataset(test.samples, eval_transform(pre)))
+    test_set = ImageDataset(test.samples, eval_transform(pre))
+    return {"train_set": ImageDataset(train.samples, fgvc_train_transform(pre, recipe.data,
+                                                                          recipe.regularization.autoaugment)),
+            "eval_set": test_set if val is None else ImageDataset(val.samples, eval_transform(pre)),
+            "test_set": None if val is None else test_set}
 
 
 def run_fgvc(recipe: Recipe, run_dir: str | Path, resume: bool = False, device: torch.device | None = None,
              progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fine-tune per `recipe` into `run_dir`; returns the trainer's summary (best and last rows)."""
     echo = echo or (lambda message: print(message, file=sys.stderr))
-    root, train, test = classification_splits(recipe, run_dir, resume)
+    root, everything, test = classification_splits(recipe, run_dir, resume)
+    train, val, record = validation_split(recipe, root, everything)
     seed_everything(recipe.train.seed)  # the new head's initialisation
     model = build_fgvc_model(recipe, len(train.classes), echo, resuming=resume)
     regularization = recipe.regularization
     teacher = None
-    if regularization.kd.logits:
-        teacher, _ = teacher_logits_for_split(regularization.kd.logits, train, root)
+    if regularization.kd.logits:  # the file covers the whole training split, the validation part too
+        teacher = teacher_logits_for_split(regularization.kd.logits, everything, root)[0][kept_rows(everything, train)]
     task = ClassificationTask(train.classes, regularization.label_smoothing, regularization.kd.temperature, teacher,
                               recipe_data_record(recipe))
     pre = model.preprocessing
-    train_set, test_set = classification_datasets(recipe, pre, train, test)
-    echo(f"{recipe.name}: {len(train)} train / {len(test)} test images, {len(train.classes)} classes, "
+    held_out = f"{len(val)} validation (selects best) / " if val is not None else ""
+    echo(f"{recipe.name}: {len(train)} train / {held_out}{len(test)} test images, {len(train.classes)} classes, "
          f"{recipe.model.name} at {pre.train_size} (eval {pre.resize}->{pre.crop}), run dir {run_dir}")
-    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo)
+    trainer = Trainer(recipe, model, task, run_dir=run_dir, device=device, progress=progress, echo=echo,
+                      **classification_datasets(recipe, pre, train, test, val))
+    keep_record(run_dir, record, resume)  # once every input has been checked
     return trainer.fit(resume=resume)
 

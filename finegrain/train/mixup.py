@@ -2,12 +2,16 @@
 
 Type 1 mixes two independently loaded batches (the paper's better variant, Table 4): the loader
 sends each step's B samples followed by B partners from an independent epoch order
-(finegrain.data.samplers.EpochBatches with `paired`). Type 2 mixes a batch with a shuffled copy
-of itself. The images are mixed here; the labels become soft targets in the loss
-(`mixed_one_hot`), and teacher probabilities are mixed there with the same lambdas.
+(finegrain.data.samplers.EpochBatches with `paired`). Type 2 is the release's "shuffled clone"
+(utils/data_util.py `mixup`, keep_batch_size=True): the batch's first half is mixed with its
+second half, pair by pair, and again with the second half reversed, so B images give B mixed
+ones, each first-half image twice. The images are mixed here; the labels become soft targets in
+the loss (`mixed_one_hot`), and teacher probabilities are mixed there with the same lambdas (the
+release mixes the one-hot labels instead of the teacher's in type 2's second half, a slip we do
+not copy; docs/fidelity.md).
 
-Every draw (lambdas, type 2's partners) is a pure function of (seed, step, rank), so a resumed
-run repeats them whatever step it resumes at.
+Every draw (the lambdas) is a pure function of (seed, step, rank), so a resumed run repeats them
+whatever step it resumes at.
 """
 from __future__ import annotations
 
@@ -44,6 +48,17 @@ def mixed_one_hot(labels: Tensor, num_classes: int, partner_labels: Tensor | Non
     if partner_labels is None or lam is None:
         return targets
     return mix_tensors(targets, F.one_hot(partner_labels, num_classes).float(), lam)
+
+
+def release_type2_pairs(size: int) -> tuple[Tensor, Tensor]:
+    """(first, partner) sample positions of type 2 for a batch of `size`: with h = size // 2,
+    first = [0..h-1, 0..h-1], partner = [h..2h-1, 2h-1..h]. An odd batch's last sample (the release
+    needs even per-GPU batches) is paired with itself, so it trains unmixed."""
+    half = size // 2
+    head = torch.arange(half)
+    tail = torch.arange(half, 2 * half)
+    odd = torch.arange(2 * half, size)
+    return torch.cat([head, head, odd]), torch.cat([tail, tail.flip(0), odd])
 
 
 @dataclass
@@ -85,7 +100,8 @@ class Mixup:
             labels, partner_labels = labels[:half], labels[half:]
             indices, partner_indices = indices[:half], indices[half:]
         else:
-            order = torch.from_numpy(rng.permutation(len(labels))).to(labels.device)
-            partner_images, partner_labels, partner_indices = images[order], labels[order], indices[order]
+            first, partner = (order.to(labels.device) for order in release_type2_pairs(len(labels)))
+            partner_images, partner_labels, partner_indices = images[partner], labels[partner], indices[partner]
+            images, labels, indices = images[first], labels[first], indices[first]
         lam = sample_lambdas(len(labels), self.alpha, rng).to(labels.device)
         return TrainBatch(mix_tensors(images, partner_images, lam), labels, indices, partner_labels, partner_indices, lam)

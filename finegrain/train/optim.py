@@ -113,16 +113,21 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = list(state_dict["_last_lr"])
 
 
-def bn_momentum_rule(steps_per_epoch: int) -> float:
-    """PyTorch BN momentum for the paper's TF momentum max(1 - 10/s, 0.9).
+def torch_bn_momentum(tf_momentum: float) -> float:
+    """PyTorch's BN momentum for a TF one: TF keeps `tf_momentum` of the old running average,
+    PyTorch mixes in `momentum` of the new batch (the release's 0.997 is PyTorch's 0.003)."""
+    if not 0.0 <= tf_momentum < 1.0:
+        raise FinegrainError(f"A TF BN momentum must be in [0, 1), got {tf_momentum}; the release uses 0.997.")
+    return 1.0 - tf_momentum
 
-    TF keeps `m` of the old running average, PyTorch mixes in `momentum` of the new batch, so
-    PyTorch momentum = 1 - m = min(10/s, 0.1): a small data set (few steps per epoch) re-estimates
-    its statistics quickly, a large one averages over more batches.
-    """
+
+def bn_momentum_rule(steps_per_epoch: int) -> float:
+    """PyTorch BN momentum for the paper's TF momentum max(1 - 10/s, 0.9), i.e. min(10/s, 0.1):
+    a small data set (few steps per epoch) re-estimates its statistics quickly, a large one
+    averages over more batches."""
     if steps_per_epoch < 1:
         raise FinegrainError("Steps per epoch must be at least 1. Use a batch size no larger than the data set.")
-    return 1.0 - max(1.0 - 10.0 / steps_per_epoch, 0.9)
+    return torch_bn_momentum(max(1.0 - 10.0 / steps_per_epoch, 0.9))
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> int:

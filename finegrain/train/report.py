@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import matplotlib
 
@@ -32,8 +32,19 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Training loss, learning rate and every evaluation metric (fractions shown as %) by epoch."""
+def split_columns(rows: Iterable[dict[str, Any]], metrics: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """(metrics.jsonl key, column label) of each (metric, label) on each split the rows hold,
+    validation first: [("val_top1", "val top-1"), ("test_top1", "test top-1"), ...]."""
+    present = {key for row in rows for key in row}
+    return [(f"{split}_{metric}", f"{split} {label}") for split in ("val", "test") for metric, label in metrics
+            if f"{split}_{metric}" in present]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "",
+                selected: dict[str, Any] | None = None) -> None:
+    """Training loss, learning rate and every evaluation metric (fractions shown as %) by epoch;
+    `selected` ({"metric", "epoch"}: the trainer's best) is marked, so the plot shows which epoch
+    best.safetensors holds and on which split's figure it was chosen."""
     fig, (ax_loss, ax_lr, ax_metric) = plt.subplots(1, 3, figsize=(13, 3.6))
     train_rows = [r for r in rows if r.get("loss") is not None]
     epochs = [r["epoch"] for r in train_rows]
@@ -46,9 +57,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
     for key in metric_keys:
         points = [(r["epoch"], 100.0 * r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         ax_metric.plot(*zip(*points), marker="o", label=key)
+    if selected is not None:
+        ax_metric.axvline(selected["epoch"], color="black", linestyle="--", linewidth=1,
+                          label=f"selected: epoch {selected['epoch']} ({selected['metric']})")
     ax_metric.set(title="evaluation (%)", xlabel="epoch")
-    if metric_keys:
-        ax_metric.legend()
+    if metric_keys or selected is not None:
+        ax_metric.legend(fontsize="small")
     for ax in (ax_loss, ax_lr, ax_metric):
         ax.grid(alpha=0.3)
     if title:

@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from finegrain.train.trainer import Trainer
 
 RESUME_FILE = "resume_state.pt"
-RESUME_FORMAT = 2  # 2: no RNG streams (every draw is keyed by its place in the run)
+RESUME_FORMAT = 3  # 2: no RNG streams (every draw is keyed by its place in the run); 3: the EMA, split names
 _KEYS = ("epoch", "step_in_epoch", "global_step", "loss_sum", "model", "task", "optimizer", "scheduler", "scaler",
-         "sampler", "best", "recipe")
+         "sampler", "best", "recipe", "ema")
 
 
 def seed_everything(seed: int) -> None:
@@ -60,7 +60,7 @@ def capture_state(trainer: Trainer) -> dict[str, Any]:
         "model": trainer.model.state_dict(), "task": task.state_dict() if task is not None else {},
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(), "sampler": trainer.batches.state_dict(), "best": dict(trainer.best),
-        "recipe": recipe_to_yaml(trainer.recipe),
+        "recipe": recipe_to_yaml(trainer.recipe), "ema": trainer.ema.state_dict() if trainer.ema is not None else {},
     }
 
 
@@ -79,6 +79,8 @@ def restore_state(trainer: Trainer, state: dict[str, Any]) -> tuple[int, int, fl
         trainer.model.load_state_dict(state["model"])
         if trainer.task.trainable is not None:
             trainer.task.trainable.load_state_dict(state["task"])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(state["ema"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
@@ -155,6 +157,30 @@ class StopRequest:
         self.requested = True
         if self.announce:  # os.write: a handler may run while Python's stderr object is mid-write
             os.write(2, b"\nstopping after this step to save the resume state (Ctrl-C again stops at once)\n")
+
+
+def diverged(trainer: Trainer, step: int, what: str) -> FinegrainError:
+    """The error for global step `step` (1-based) having made training non-finite."""
+    lr, amp = trainer.recipe.optim.lr, " (or use train.amp=bf16 / fp32)" if trainer.scaler.is_enabled() else ""
+    saved, steps = trainer._saved_at, trainer.steps_per_epoch
+    kept = (f"{trainer.resume_path} is still the state at epoch {saved[0]}, global step {saved[1]}"
+            if saved is not None else "Nothing was saved")
+    return FinegrainError(f"Training diverged at step {step} (epoch {(step - 1) // steps + 1}, "
+                          f"step {(step - 1) % steps + 1} of {steps}): {what}. "
+                          f"Lower optim.lr (now {lr:g}; e.g. --set optim.lr={lr / 10:g}){amp} and start again "
+                          f"with another --out. {kept}; nothing non-finite was written.")
+
+
+def check_weights(trainer: Trainer) -> None:
+    """Before every save: the weights, the EMA and the optimizer buffers the last update left must be finite."""
+    buffers = [(f"optimizer state {key}.{name}", value)
+               for key, values in trainer.optimizer.state_dict()["state"].items() for name, value in values.items()]
+    ema = [(f"ema {key}", value) for key, value in trainer.ema.state_dict().items()] if trainer.ema is not None else []
+    bad = first_non_finite(list(trainer.trained.state_dict().items()) + ema + buffers)
+    if bad is not None and trainer.global_step == 0:
+        raise FinegrainError(f"The starting weights are not finite (first: {bad}). Check model.weights.")
+    if bad is not None:
+        raise diverged(trainer, trainer.global_step, f"its update made {bad} non-finite")
 
 
 def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:

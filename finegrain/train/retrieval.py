@@ -30,6 +30,7 @@ from finegrain.data import resolve_data_root
 from finegrain.train.fgvc import recipe_data_record
 from finegrain.train.metric_losses import create_metric_loss
 from finegrain.train.optim import ParamGroupSpec
+from finegrain.train.selection import keep_record, metric_key, validation_split
 from finegrain.train.trainer import Task, TrainBatch, Trainer
 from finegrain.train.warm_start import warm_start
 
@@ -169,39 +170,46 @@ def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = F
 
     echo = echo or (lambda message: print(message, file=sys.stderr))
     splits = load_zero_shot_splits(recipe)
-    train, test = splits["train"], splits["test"]
+    test = splits["test"]  # validation, like test, is on classes training never sees
+    train, val, record = validation_split(recipe, resolve_data_root(recipe.data.root), splits["train"],
+                                          by_class=True)
     torch.manual_seed(recipe.train.seed)  # the embedding head and the loss's class weights start random
     model = build_embedder(recipe, echo, resuming=resume)
     task = RetrievalTask(recipe, len(train.classes), recipe_data_record(recipe))
     pre = model.preprocessing
     train_transform, eval_transform = retrieval_transforms(pre, recipe.regularization.autoaugment)
     train_set, test_set = ImageDataset(train.samples, train_transform), ImageDataset(test.samples, eval_transform)
-    echo(f"{recipe.name}: {len(train)} train images of {len(train.classes)} classes, {len(test)} test images of "
-         f"{len(test.classes)} unseen classes; {recipe.model.name} -> {recipe.retrieval.embedding_size}-d, "
+    val_set = ImageDataset(val.samples, eval_transform) if val is not None else None
+    held_out = f"{len(val)} validation images of {len(val.classes)} other classes, " if val is not None else ""
+    echo(f"{recipe.name}: {len(train)} train images of {len(train.classes)} classes, {held_out}{len(test)} test "
+         f"images of {len(test.classes)} unseen classes; {recipe.model.name} -> {recipe.retrieval.embedding_size}-d, "
          f"loss {recipe.retrieval.loss.name}, train {pre.train_size} / eval {pre.crop} px, run dir {run_dir}")
     batches = (MPerClassBatches(train, recipe.retrieval.m_per_class, recipe.train.batch_size, recipe.train.seed)
                if recipe.retrieval.m_per_class else None)
-    trainer = Trainer(recipe, model, task, train_set, test_set, run_dir, device=device, progress=progress, echo=echo,
-                      batches=batches)
+    trainer = Trainer(recipe, model, task, train_set, val_set or test_set, run_dir, device=device, progress=progress,
+                      echo=echo, batches=batches, test_set=test_set if val_set is not None else None)
+    keep_record(run_dir, record, resume)  # once every input has been checked
     summary = trainer.fit(resume=resume)
     start = next((row for row in trainer.rows if row["epoch"] == 0), {})
     summary["start"] = start
-    best = summary["best"]
-    if "recall@1" in start:
-        echo(f"Recall@1 before fine-tuning (epoch 0): {100 * start['recall@1']:.2f}%, after: "
-             f"{100 * best['value']:.2f}% (best, epoch {best['epoch']}); "
-             f"MAP@R {100 * start['map@r']:.2f}% -> {100 * summary['last'].get('map@r', float('nan')):.2f}% (last)")
+    best = next((row for row in trainer.rows if row["epoch"] == summary["best"]["epoch"]), {})
+    recall, map_r = metric_key("test", "recall@1"), metric_key("test", "map@r")
+    if recall in start and recall in best:
+        echo(f"test Recall@1 before fine-tuning (epoch 0): {100 * start[recall]:.2f}%, after: "
+             f"{100 * best[recall]:.2f}% (best, epoch {best['epoch']}, selected on {trainer.select_on}); "
+             f"MAP@R {100 * start[map_r]:.2f}% -> {100 * summary['last'].get(map_r, float('nan')):.2f}% (last)")
     return summary
 
 
 
 def evaluate_saved_embedder(weights: Path, recipe_name: str | None, data: Path | None,
-                            overrides: list[str]) -> tuple[RetrievalRecipe, Any]:
+                            overrides: list[str], rerank: Any = None) -> tuple[RetrievalRecipe, Any]:
     """Recall@K / MAP@R of a saved embedder on its recipe's unseen test classes.
 
     The recipe is the one given, else the run directory's resolved recipe.yaml beside the
     weights, else the one the checkpoint records; the data folder likewise defaults to the one
-    the checkpoint was trained on. Returns (recipe, RetrievalReport).
+    the checkpoint was trained on. `rerank`: an eval.rerank.Rerank. Returns (recipe, RetrievalReport,
+    or a QueryGalleryReport where the data set has a separate query set and gallery).
     """
     from finegrain.eval.retrieval_eval import evaluate_retrieval
     from finegrain.models import read_info
@@ -216,6 +224,8 @@ def evaluate_saved_embedder(weights: Path, recipe_name: str | None, data: Path |
         data = Path(info.data.root)
     data_override = [f"data.root={json.dumps(str(data))}"] if data else []
     recipe = load_recipe(recipe_name, overrides + data_override, group="retrieval", schema=RetrievalRecipe)
-    report = evaluate_retrieval(weights, load_zero_shot_splits(recipe)["test"], recipe.retrieval.recall_ks,
-                                recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers)
+    splits = load_zero_shot_splits(recipe)
+    report = evaluate_retrieval(weights, splits.get("query", splits["test"]), recipe.retrieval.recall_ks,
+                                recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers,
+                                gallery=splits.get("gallery"), rerank=rerank)
     return recipe, report

@@ -7,7 +7,9 @@ rule, AMP, channels_last, Mixup type 1/2, the DropBlock keep_prob schedule, per-
 evaluation, atomic checkpoints, exact resume and Ctrl-C safety.
 
 A run directory holds recipe.yaml, metrics.jsonl, curves.png, last.safetensors,
-best.safetensors and resume_state.pt, written at step boundaries only (finegrain.train.resume
+best.safetensors (chosen on the split recipe.eval.select_on names: finegrain.train.selection),
+validation.json (the held-out part, with select_on val), ema.safetensors (with recipe.ema:
+finegrain.train.ema) and resume_state.pt, written at step boundaries only (finegrain.train.resume
 says why that makes resuming exact) and never with a non-finite weight.
 """
 from __future__ import annotations
@@ -33,12 +35,14 @@ from finegrain.fileio import atomic_path
 from finegrain.models import save_model, set_drop_block_keep_prob
 from finegrain.recipes import Recipe, recipe_to_yaml
 from finegrain.runtime import autocast, default_device
-from finegrain.train import report
+from finegrain.train import report, selection
+from finegrain.train.batch_norm import set_batch_norm_batch
+from finegrain.train.ema import WeightEma
 from finegrain.train.mixup import Mixup, TrainBatch
-from finegrain.train.resume import (RESUME_FILE, StopRequest, capture_state, first_non_finite, load_resume_state,
-                                    restore_state, save_resume_state, step_seed)
+from finegrain.train.resume import (RESUME_FILE, StopRequest, capture_state, check_weights, diverged,
+                                    load_resume_state, restore_state, save_resume_state, step_seed)
 from finegrain.train.optim import (ParamGroupSpec, WarmupCosine, bn_momentum_rule, build_sgd, linear_schedule,
-                                   set_bn_momentum)
+                                   set_bn_momentum, torch_bn_momentum)
 
 
 def split_batch(batch: TrainBatch, chunks: int) -> list[TrainBatch]:
@@ -56,7 +60,7 @@ def split_batch(batch: TrainBatch, chunks: int) -> list[TrainBatch]:
 class Task:
     """What a kind of training adds to the loop. Subclass and override `loss` and `evaluate`."""
 
-    best_metric: str = "top1"  # higher is better; picks best.safetensors
+    best_metric: str = "top1"  # higher is better; picks best.safetensors (metrics.jsonl: val_top1 / test_top1)
     evaluate_at_start: bool = False  # log an `epoch: 0` row before training (retrieval does)
     # Trainable modules beyond the model (e.g. a metric-learning loss with class weights):
     # moved to the device, trained, and saved in the resume state.
@@ -103,11 +107,19 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, model: nn.Module, task: Task, train_set: Dataset, eval_set: Dataset,
                  run_dir: str | Path, device: torch.device | None = None, progress: bool = True,
-                 echo: Callable[[str], None] | None = None, batches: Any = None) -> None:
-        """`batches`: another batch sampler with EpochBatches' interface (finegrain.data.samplers),
+                 echo: Callable[[str], None] | None = None, batches: Any = None,
+                 test_set: Dataset | None = None) -> None:
+        """`eval_set`: the split recipe.eval.select_on names (the validation part, or the test
+        split); `test_set`: the test split, evaluated once at the end when selecting on val.
+        `batches`: another batch sampler with EpochBatches' interface (finegrain.data.samplers),
         e.g. m-per-class batches; the schedule is sized from its steps per epoch."""
         self.recipe, self.model, self.task = recipe, model, task
-        self.train_set, self.eval_set = train_set, eval_set
+        self.select_on = recipe.eval.select_on
+        if self.select_on == "val" and test_set is None:
+            raise FinegrainError("eval.select_on=val chooses best.safetensors on a validation part and evaluates "
+                                 "the test split once at the end: pass the test split as test_set, or set "
+                                 "eval.select_on=test.")
+        self.train_set, self.eval_set, self.test_set = train_set, eval_set, test_set
         self.run_dir = Path(run_dir)
         self.dist = distributed.init_distributed()  # one process unless started by torchrun
         self.device = distributed.device_for(self.dist) if self.dist.enabled else (device or default_device())
@@ -128,10 +140,14 @@ class Trainer:
         self.model.to(self.device, memory_format=self.memory_format)
         if task.trainable is not None:
             task.trainable.to(self.device)
-        self.train_model = self._data_parallel(task.training_module(self.model))
         if train.bn_momentum_rule:
             set_bn_momentum(self.model, bn_momentum_rule(self.steps_per_epoch))
+        elif train.bn_momentum is not None:
+            set_bn_momentum(self.model, torch_bn_momentum(train.bn_momentum))
+        self.model = set_batch_norm_batch(self.model, train, self.dist.world_size, self.device)
+        self.train_model = self._data_parallel(task.training_module(self.model))
         self.trained = nn.ModuleList([self.model] + ([task.trainable] if task.trainable is not None else []))
+        self.ema = WeightEma(self.model, recipe.ema.decay, recipe.ema.warmup) if recipe.ema.enabled else None
         self.optimizer = build_sgd(self.trained, recipe.effective_lr(), recipe.optim.momentum,
                                    recipe.optim.weight_decay, recipe.optim.nesterov, task.param_groups(self.model))
         warmup_steps = round(recipe.schedule.warmup_epochs * self.steps_per_epoch)
@@ -144,7 +160,8 @@ class Trainer:
         self._last_save = time.monotonic()
         self._in_step = False  # between a step's first change to the model and its last
         self._stop = StopRequest()
-        self.best: dict[str, Any] = {"metric": task.best_metric, "value": -math.inf, "epoch": 0}
+        self.best: dict[str, Any] = {"metric": selection.metric_key(self.select_on, task.best_metric),
+                                     "value": -math.inf, "epoch": 0}
         self.rows: list[dict[str, Any]] = []
         dropblock = recipe.regularization.dropblock
         if (dropblock.start, dropblock.end) != (1.0, 1.0) and set_drop_block_keep_prob(model, dropblock.start) == 0:
@@ -159,10 +176,6 @@ class Trainer:
         if train.batch_size % (self.dist.world_size * train.accumulate_steps):
             raise FinegrainError(f"train.batch_size {train.batch_size} (the global batch) must divide by "
                                  f"{self.dist.world_size} processes x {train.accumulate_steps} accumulation steps.")
-        if train.sync_bn:
-            if self.device.type != "cuda":
-                raise FinegrainError("train.sync_bn needs GPUs (NCCL). Set --set train.sync_bn=false on CPU.")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
@@ -192,37 +205,16 @@ class Trainer:
         here = (self.position[0], self.global_step)
         if here == self._saved_at:
             return
-        self._check_weights()
+        check_weights(self)
         if self.dist.is_main:
             save_resume_state(self.resume_path, capture_state(self))
         self._saved_at, self._last_save = here, time.monotonic()
 
-    def _save_model(self, name: str, epoch: int, metrics: dict[str, Any]) -> None:
+    def _save_model(self, name: str, epoch: int, metrics: dict[str, Any], model: nn.Module | None = None) -> None:
         if not self.dist.is_main:
             return
-        save_model(self.model, self.run_dir / name, extra_metadata=self.task.checkpoint_metadata(), epoch=epoch,
-                   recipe=self.recipe.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
-
-    # ---------------------------------------------------------------------------- finiteness
-    def _diverged(self, step: int, what: str) -> FinegrainError:
-        """The error for global step `step` (1-based) having made training non-finite."""
-        lr, amp = self.recipe.optim.lr, " (or use train.amp=bf16 / fp32)" if self.scaler.is_enabled() else ""
-        kept = (f"{self.resume_path} is still the state at epoch {self._saved_at[0]}, global step {self._saved_at[1]}"
-                if self._saved_at is not None else "Nothing was saved")
-        return FinegrainError(f"Training diverged at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
-                              f"step {(step - 1) % self.steps_per_epoch + 1} of {self.steps_per_epoch}): {what}. "
-                              f"Lower optim.lr (now {lr:g}; e.g. --set optim.lr={lr / 10:g}){amp} and start again "
-                              f"with another --out. {kept}; nothing non-finite was written.")
-
-    def _check_weights(self) -> None:
-        """Before every save: the weights and optimizer buffers the last update left must be finite."""
-        buffers = [(f"optimizer state {key}.{name}", value)
-                   for key, values in self.optimizer.state_dict()["state"].items() for name, value in values.items()]
-        bad = first_non_finite(list(self.trained.state_dict().items()) + buffers)
-        if bad is not None and self.global_step == 0:
-            raise FinegrainError(f"The starting weights are not finite (first: {bad}). Check model.weights.")
-        if bad is not None:
-            raise self._diverged(self.global_step, f"its update made {bad} non-finite")
+        save_model(model or self.model, self.run_dir / name, extra_metadata=self.task.checkpoint_metadata(),
+                   epoch=epoch, recipe=self.recipe.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
 
     # ------------------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -251,26 +243,28 @@ class Trainer:
             if self.dist.is_main:
                 with atomic_path(self.run_dir / "recipe.yaml") as tmp:
                     tmp.write_text(recipe_to_yaml(self.recipe))
-            if self.task.evaluate_at_start:
-                self._log_row({"epoch": 0, "loss": None, "lr": None, **self._evaluate()})
+            if self.task.evaluate_at_start:  # where the run starts from, on every split
+                start = selection.evaluate_epoch(self, every_split=True)
+                self._log_row({"epoch": 0, "loss": None, "lr": None, **start})
             self._save_resume_state()  # a run killed in its first epoch resumes too
         try:
             while self.position[0] < self.recipe.train.epochs:
                 self._stop_if_asked()
                 start = time.perf_counter()
                 train_row = self._train_epoch()
-                self._check_weights()
-                metrics = self._evaluate()
+                check_weights(self)
+                metrics = selection.evaluate_epoch(self)
                 throughput = train_row.pop("images_per_s")
                 self._finish_epoch({**train_row, **metrics, "time": round(time.perf_counter() - start, 3),
                                     "images_per_s": throughput})
+            test = selection.evaluate_test_once(self) if self.select_on == "val" else None
         except KeyboardInterrupt:
             if not self._in_step:  # a Ctrl-C raised outside our handler, between steps: still a boundary
                 self._save_resume_state()
             self.echo(f"interrupted: the resume state in {self.resume_path} is at epoch {self._saved_at[0]}, "
                       f"global step {self._saved_at[1]}; continue with --resume")
             raise
-        return {"best": dict(self.best), "last": self.rows[-1] if self.rows else {}}
+        return {"best": dict(self.best), "last": self.rows[-1] if self.rows else {}, "test": test}
 
     def _stop_if_asked(self) -> None:
         """At a step boundary: on Ctrl-C (on any process), save the resume state and stop."""
@@ -342,38 +336,43 @@ class Trainer:
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads and not self.scaler.is_enabled() else 0.0
         if self._agree(not math.isfinite(value) or not math.isfinite(norm))[0]:
             self._in_step = False  # nothing was updated: the weights are still those of the boundary
-            raise self._diverged(self.global_step + 1, f"the loss is {value:g}, the gradient norm {norm:g}")
+            raise diverged(self, self.global_step + 1, f"the loss is {value:g}, the gradient norm {norm:g}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.global_step)
         self._in_step = False
         return value
 
-    def _evaluate(self) -> dict[str, float]:
+    def evaluate_on(self, dataset: Dataset, model: nn.Module | None = None) -> dict[str, float]:
+        """The task's metrics of `model` (default: the trained weights) on `dataset`."""
         train = self.recipe.train
-        shard = self.eval_set
+        shard = dataset
         if self.dist.enabled:  # contiguous shards, no padding; predict_logits gathers them in order
-            shard = Subset(self.eval_set, distributed.shard_range(len(self.eval_set), self.dist.rank, self.dist.world_size))
+            shard = Subset(dataset, distributed.shard_range(len(dataset), self.dist.rank, self.dist.world_size))
         loader = eval_loader(shard, train.eval_batch_size or train.batch_size, train.workers,
                              self.device.type == "cuda")
         models = [self.model] + ([self.task.trainable] if self.task.trainable is not None else [])
         modes = [m.training for m in models]
         try:
-            return self.task.evaluate(self.model, loader, self.device, self.amp_dtype, train.channels_last)
+            return self.task.evaluate(model or self.model, loader, self.device, self.amp_dtype, train.channels_last)
         finally:
             for module, mode in zip(models, modes):
                 module.train(mode)
 
     def _finish_epoch(self, row: dict[str, Any]) -> None:
-        epoch = row["epoch"]
-        value = row.get(self.task.best_metric)
+        epoch, metric = row["epoch"], self.best["metric"]
+        value = row.get(metric)
         if not isinstance(value, float):
-            raise FinegrainError(f"The task's evaluation gave no '{self.task.best_metric}' (got {sorted(row)}). "
+            raise FinegrainError(f"The task's evaluation gave no '{metric}' (got {sorted(row)}). "
                                  "Fix the task's best_metric.")
         self._save_model("last.safetensors", epoch, row)
-        if value > self.best["value"]:
-            self.best = {"metric": self.task.best_metric, "value": value, "epoch": epoch}
+        if self.ema is not None:
+            self._save_model("ema.safetensors", epoch, selection.ema_checkpoint_metrics(row), self.ema.module)
+        if value >= self.best["value"]:  # a tie goes to the later epoch: trained longer, at a lower lr
+            self.best = {"metric": metric, "value": value, "epoch": epoch}
             if self.dist.is_main:
                 with atomic_path(self.run_dir / "best.safetensors") as tmp:
                     shutil.copyfile(self.run_dir / "last.safetensors", tmp)
@@ -384,10 +383,16 @@ class Trainer:
 
     def _log_row(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        self.write_rows()
         if not self.dist.is_main:
             return
-        report.write_metrics(self.run_dir, self.rows)
-        report.plot_curves(self.rows, self.run_dir / report.CURVES_FILE, title=self.recipe.name)
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in row.items() if v is not None)
         self.echo(shown)
+
+    def write_rows(self) -> None:
+        """metrics.jsonl and curves.png (the selected epoch marked) as the rows stand."""
+        if self.dist.is_main:
+            report.write_metrics(self.run_dir, self.rows)
+            report.plot_curves(self.rows, self.run_dir / report.CURVES_FILE, title=self.recipe.name,
+                               selected=self.best if self.best["epoch"] else None)
