@@ -162,6 +162,33 @@ def test_demo_recall_at_1_is_the_same_through_the_exported_file(tmp_path):
     assert retrieval_metrics(onnx_embeddings, onnx_labels, (1, 2)).recall == expected.recall
 
 
+def test_eval_and_index_take_the_exported_file_as_weights(demo_classifier, tmp_path):
+    """The deployed artefact checked with the same commands: `finegrain eval` gives the checkpoint's
+    top-1 through the .onnx file, and an index built through an exported embedder finds each of
+    its photos first."""
+    assert run("export", "--weights", demo_classifier, "--out", tmp_path / "demo.onnx").exit_code == 0
+    scores = []
+    for weights in (demo_classifier, tmp_path / "demo.onnx"):
+        result = run("eval", "--weights", weights, "--data", demo_root(), "--json", "--workers", "0", "--quiet")
+        assert result.exit_code == 0, result.output
+        scores.append(json.loads(result.stdout))
+    assert scores[0]["images"] == scores[1]["images"] == 160 and scores[0]["top1"] == scores[1]["top1"], scores
+    photos = tmp_path / "photos"
+    for name in ("Lemon", "Braeburn"):
+        (photos / name).mkdir(parents=True)
+        for path in sorted((demo_root() / "test" / name).glob("*.jpg"))[:3]:
+            (photos / name / path.name).write_bytes(path.read_bytes())
+    embedder = make_checkpoint(tmp_path, "assemble_resnet50", {"base_width": 8}, embedder=True)
+    assert run("export", "--weights", embedder, "--out", tmp_path / "e.onnx", "--resolution", "64").exit_code == 0
+    built = run("index", "build", "--weights", tmp_path / "e.onnx", "--images", photos, "--out", tmp_path / "idx")
+    assert built.exit_code == 0, built.output
+    queries = sorted(photos.glob("*/*.jpg"))
+    found = run("index", "search", "--index", tmp_path / "idx", *queries, "--k", "1", "--json")
+    assert found.exit_code == 0, found.output
+    results = json.loads(found.stdout)["results"]
+    assert [Path(r["neighbours"][0]["path"]).name for r in results] == [q.name for q in queries], results
+
+
 def test_pixels_in_the_graph_and_a_fixed_batch(demo_classifier, tmp_path):
     """--preprocess-in-graph: uint8 NHWC crops in, the same logits as normalised floats; a fixed
     batch of 4 still evaluates 160 images (the predictor pads the last chunk)."""

@@ -35,7 +35,8 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
     for key in keys:
         split, _, metric = key.rpartition("_")
         label = "MAP@R" if metric == "map@r" else f"Recall@{metric.split('@')[1]}"
-        table.add_row(f"{split} {label}".strip(), *(f"{100 * values[key]:.2f}" if key in values else "-" for values in columns.values()))
+        table.add_row(f"{split} {label}".strip(),
+                      *(f"{100 * values[key]:.2f}" if key in values else "-" for values in columns.values()))
     return table
 
 

@@ -135,7 +135,9 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
     dim = _int(_entry(top, "dim", "manifest", path), "dim", path, 1, MAX_DIM)
     if _entry(top, "metric", "manifest", path) != "inner_product":
         _fail(path, f"metric is {_show(top['metric'])}, expected 'inner_product'")
-    _check_model(_dict(_entry(top, "model", "manifest", path), "model", path), path)
+    model = _entry(top, "model", "manifest", path)
+    if model is not None:  # None: built from embeddings made elsewhere (index/embeddings.py)
+        _check_model(_dict(model, "model", path), path)
     key = _check_index(_dict(_entry(top, "index", "manifest", path), "index", path), count, path)
     _check_build(_dict(_entry(top, "build", "manifest", path), "build", path), path)
     _check_files(_dict(_entry(top, "files", "manifest", path), "files", path), count, dim, key, path)

@@ -22,6 +22,7 @@ from finegrain.models import registry
 from finegrain.models.checkpoint import (FIX, describe_mismatch, header_shapes, mismatch_error, model_shapes,
                                          open_weights, read_tensors)
 from finegrain.models.metadata import ARCH, NUM_CLASSES, OVERRIDES, parse_metadata, read_header, require
+from finegrain.models.onnx_model import is_onnx_file, load_onnx_model
 from finegrain.preprocessing import Preprocessing
 
 # Settings of a task's head, not of the backbone: a warm start from a file keeps the new task's own.
@@ -78,7 +79,10 @@ def load_model(path: str | Path, *, allow_non_finite: bool = False, **runtime_ov
     The metadata is validated and the tensors it implies compared with the file's header before
     the model is built; the weights must be finite unless `allow_non_finite` (to inspect a run
     that diverged). The model carries the file's `info` (CheckpointInfo) and raw `metadata`.
+    An ONNX file written by `finegrain export` loads as onnxruntime behind the same interface.
     """
+    if is_onnx_file(path):
+        return load_onnx_model(path)
     header = read_header(path)
     info = parse_metadata(header.metadata, path)
     if info.architecture is None:

@@ -78,10 +78,14 @@ def keep_record(run_dir: str | Path, record: dict[str, Any] | None, resume: bool
         return
     path = Path(run_dir) / VALIDATION_FILE
     if resume and path.is_file():
-        if json.loads(path.read_text()) != record:
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            kept = None  # damaged: it cannot vouch for the part either
+        if kept != record:
             raise FinegrainError(f"The data now gives another validation part than {path} records (images were "
-                                 "added, removed or renamed). Resume on the data the run started with, or start a "
-                                 "new run with another --out.")
+                                 "added, removed or renamed, or the file is damaged). Resume on the data the run "
+                                 "started with, or start a new run with another --out.")
         return
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

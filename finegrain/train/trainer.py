@@ -214,7 +214,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         save_model(model or self.model, self.run_dir / name, extra_metadata=self.task.checkpoint_metadata(),
-                   epoch=epoch, recipe=self.recipe.name, metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+                   epoch=epoch, recipe=self.recipe.name,
+                   metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
 
     # ------------------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
