@@ -398,9 +398,9 @@ def test_fgvc_kind_sets_data_kind_and_helps_name_every_kind(tmp_path: Path) -> N
     from typer.testing import CliRunner
 
     from finegrain.cli import app
-    from finegrain.cli.data import CLASSIFICATION_KINDS, RETRIEVAL_KINDS
+    from finegrain.cli.data import CLASSIFICATION_KINDS, OWN_TABLE, RETRIEVAL_KINDS
 
-    assert sorted(CLASSIFICATION_KINDS + RETRIEVAL_KINDS) == kinds()
+    assert sorted(CLASSIFICATION_KINDS + RETRIEVAL_KINDS + (OWN_TABLE,)) == kinds()
     for command in (["fgvc", "--help"], ["data", "info", "--help"]):
         text = " ".join(CliRunner().invoke(app, command, terminal_width=200).stdout.split())
         assert "folder for your own class folders (ROOT/<class>/*.jpg" in text

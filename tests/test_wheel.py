@@ -58,6 +58,8 @@ def test_wheel_holds_every_recipe_and_the_demo_photos(wheel_install: tuple[Path,
     assert {"finegrain/data/demo/LICENSE", "finegrain/data/demo/ATTRIBUTION.md"} <= demo
     assert sum(name.endswith(".jpg") for name in demo) == 544  # 16 classes x 34 photos (data/demo/ATTRIBUTION.md)
     assert demo <= names
+    static = {f"finegrain/serve/static/{p.name}" for p in (CHECKOUT / "finegrain" / "serve" / "static").iterdir()}
+    assert {"finegrain/serve/static/index.html", "finegrain/serve/static/app.js"} <= static <= names  # the web page
 
 
 @pytest.mark.slow

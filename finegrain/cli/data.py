@@ -12,7 +12,8 @@ from finegrain.errors import FinegrainError
 # The kinds finegrain.data registers, spelled out so that --help need not import the readers
 # (tests/test_data_inputs.py keeps them in step with finegrain.data.kinds()); folder first, for one's own photos.
 CLASSIFICATION_KINDS = ("folder", "food101", "cars196", "flowers102", "aircraft", "pets")
-RETRIEVAL_KINDS = ("folder_zeroshot", "cub200", "cars196_retrieval", "sop")
+RETRIEVAL_KINDS = ("folder_zeroshot", "cub200", "cars196_retrieval", "sop", "inshop")
+OWN_TABLE = "csv"  # ROOT/dataset.csv: path,label,split,is_query,is_gallery (finegrain.data.csv_layout)
 OWN_FOLDERS = "your own class folders (ROOT/<class>/*.jpg, or ROOT/train/<class>/ and ROOT/test/<class>/)"
 
 app = typer.Typer(help="Inspect data sets before training.", no_args_is_help=True)
@@ -42,7 +43,8 @@ def data_info(kind: str, root: str | Path, check: bool = False, **opts: Any) -> 
 @app.command("info")
 def info(
     kind: Optional[str] = typer.Option(None, "--kind", help=f"Data set kind: folder for {OWN_FOLDERS}; "
-                                       f"folder_zeroshot for them split by class; or a public data set as "
+                                       f"folder_zeroshot for them split by class; {OWN_TABLE} for a ROOT/dataset.csv listing path, label, split, "
+                                       f"is_query, is_gallery; or a public data set as "
                                        f"downloaded: {', '.join(CLASSIFICATION_KINDS[1:] + RETRIEVAL_KINDS[1:])}"),
     data: Path = typer.Option(..., "--data", help="The data set's folder, as downloaded (see datasets/README.md)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
