@@ -3,6 +3,7 @@ ref_includes_query=False (plain and class-balanced), to a brute-force ranking fo
 the release's protocol (queries without a gallery match counted as misses)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -230,3 +231,81 @@ def test_csv_paths_may_not_leave_the_data_folder(tmp_path):
     (tmp_path / "dataset.csv").write_text("path,label,split,is_query,is_gallery\n../x.jpg,a,train,0,0\n")
     with pytest.raises(FinegrainError, match="could read files outside the data set"):
         load_splits("csv", tmp_path)
+
+
+# ------------------------------------------------------- the release's protocol, from the CLI
+def _retrieval_cli():
+    import typer
+
+    from finegrain.cli.retrieval import retrieval
+
+    app = typer.Typer()
+    app.command()(retrieval)
+    return app
+
+
+def test_eval_only_counts_singleton_queries_as_misses_on_request(tmp_path):
+    """`--singletons miss` scores the same neighbours and divides by every query: Recall@K's hits
+    and the sum of APs stay, the denominator grows by the singleton queries."""
+    from fractions import Fraction
+
+    from typer.testing import CliRunner
+
+    from finegrain.data import DEMO_ROOT
+    from finegrain.train.retrieval import evaluate_saved_embedder
+    from test_index import _save_embedder
+
+    data = tmp_path / "data"  # sorted classes: the first 4 train, the last 4 (look-alikes and a singleton) test
+    sizes = {"Lemon": 1, "Orange": 1, "Peach": 1, "Nectarine": 1, "Golden 1": 5, "Golden 2": 5, "Golden 3": 5,
+             "Strawberry": 1}
+    for number, (name, size) in enumerate(sizes.items()):
+        (data / f"{number} {name}").mkdir(parents=True)
+        for photo in sorted((DEMO_ROOT / "test" / name).glob("*.jpg"))[:size]:
+            shutil.copy(photo, data / f"{number} {name}" / photo.name)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: singletons\ndata:\n  kind: folder_zeroshot\n  root: {json.dumps(str(data))}\n"
+                      "retrieval:\n  recall_ks: [1, 2, 4]\ntrain:\n  batch_size: 8\n  workers: 0\n")
+    weights = _save_embedder(tmp_path / "embedder.safetensors", seed=3, embedding_size=16)
+    command = ["--eval-only", "--weights", str(weights), "--recipe", str(recipe)]
+    runner = CliRunner()
+
+    printed = {rule: runner.invoke(_retrieval_cli(), [*command, "--singletons", rule]) for rule in ("exclude", "miss")}
+    reports = {rule: evaluate_saved_embedder(weights, str(recipe), None, [], singletons=rule)[1]
+               for rule in ("exclude", "miss")}
+
+    left_out, release = reports["exclude"], reports["miss"]
+    assert (left_out.n_queries, left_out.n_excluded_singletons) == (15, 1)
+    assert (release.n_queries, release.n_excluded_singletons) == (16, 0)
+    assert left_out.recall[1] < 1 and left_out.map_at_r < 1  # not a set every query solves
+    for k in (1, 2, 4):
+        hits = Fraction(left_out.recall[k]).limit_denominator(15) * 15
+        assert hits.denominator == 1 and release.recall[k] == int(hits) / 16
+    assert release.map_at_r == pytest.approx(left_out.map_at_r * 15 / 16, rel=1e-12)
+    for rule, result in printed.items():
+        assert result.exit_code == 0, result.output
+        for key, label in (("recall@1", "Recall@1"), ("recall@4", "Recall@4"), ("map@r", "MAP@R")):
+            line = next(line for line in result.stdout.splitlines() if label in line)
+            assert f"{100 * reports[rule].to_metrics()[key]:.2f}" in line
+    words = {rule: " ".join(result.stdout.split()) for rule, result in printed.items()}  # rich wraps lines
+    assert "15 queries" in words["exclude"] and "1 with nothing of their class to find left out" in words["exclude"]
+    assert "16 queries" in words["miss"] and "counted as misses (the release's protocol)" in words["miss"]
+
+    bad = runner.invoke(_retrieval_cli(), [*command, "--singletons", "drop"])
+    assert isinstance(bad.exception, FinegrainError) and "must be exclude or miss, got 'drop'" in str(bad.exception)
+    training = runner.invoke(_retrieval_cli(), ["--recipe", str(recipe), "--singletons", "miss"])
+    assert isinstance(training.exception, FinegrainError) and "Add --eval-only" in str(training.exception)
+
+
+def test_query_gallery_checkpoint_counts_a_query_without_gallery_match_as_a_miss(tmp_path):
+    from finegrain.data import load_splits
+    from finegrain.eval.retrieval_eval import evaluate_retrieval
+    from test_index import _save_embedder
+
+    splits = load_splits("inshop", _inshop(tmp_path / "inshop", PARTS))
+    weights = _save_embedder(tmp_path / "w.safetensors", seed=0)
+    options = dict(batch_size=4, workers=0, device=torch.device("cpu"), progress=False, gallery=splits["gallery"])
+    left_out, release = (evaluate_retrieval(weights, splits["query"], (1, 3), singletons=rule, **options)
+                         for rule in ("exclude", "miss"))
+    assert (left_out.n_queries, left_out.n_excluded_singletons, left_out.recall[3]) == (2, 1, 1.0)
+    assert (release.n_queries, release.n_excluded_singletons, release.recall[3]) == (3, 0, 2 / 3)  # id_05: a miss
+    assert release.recall[1] == round(left_out.recall[1] * 2) / 3

@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from finegrain.cli.index import print_collection_notes
+
 console = Console()
 
 
@@ -31,11 +33,4 @@ def embed(
     manifest = report.manifest
     console.print(f"embedded {manifest['count']} images into {len(manifest['shards'])} .npy shard(s) of dimension "
                   f"{manifest['dim']}; wrote {out}", highlight=False)
-    if report.duplicates:
-        console.print(f"skipped {len(report.duplicates)} images whose content was seen already "
-                      f"(e.g. {report.duplicates[0]}).", highlight=False)
-    if report.failed:
-        console.print(f"[yellow]{len(report.failed)} images could not be read[/yellow] (listed in embeddings.json), "
-                      f"e.g. {report.failed[0][0]}: {report.failed[0][1]}", highlight=False)
-    if report.shards_reused:
-        console.print(f"reused {report.shards_reused} embedding shards of an interrupted run.")
+    print_collection_notes(report, "was seen already", "are not embedded", "embeddings.json")

@@ -17,18 +17,23 @@ app = typer.Typer(name="index", help="Build and query a faiss search index of an
 console = Console()
 
 
+def print_collection_notes(report, seen: str, outcome: str, listing: str) -> None:
+    """What an embedding pass over a collection skipped, could not read, or reused (index and embed)."""
+    if report.duplicates:
+        console.print(f"skipped {len(report.duplicates)} images whose content {seen} "
+                      f"(e.g. {report.duplicates[0]}).", highlight=False)
+    if report.failed:
+        console.print(f"[yellow]{len(report.failed)} images could not be read and {outcome}[/yellow] "
+                      f"(listed in {listing}), e.g. {report.failed[0][0]}: {report.failed[0][1]}", highlight=False)
+    if report.shards_reused:
+        console.print(f"reused {report.shards_reused} embedding shards of an interrupted run.")
+
+
 def _summary(report, verb: str) -> None:
     index = report.manifest["index"]
     console.print(f"{verb} {report.added} images; the index holds {report.manifest['count']} vectors of dimension "
                   f"{report.manifest['dim']}.", highlight=False)
-    if report.duplicates:
-        console.print(f"skipped {len(report.duplicates)} images whose content is already indexed "
-                      f"(e.g. {report.duplicates[0]}).", highlight=False)
-    if report.failed:
-        console.print(f"[yellow]{len(report.failed)} images could not be read and are not indexed[/yellow] "
-                      f"(listed in failed.json), e.g. {report.failed[0][0]}: {report.failed[0][1]}", highlight=False)
-    if report.shards_reused:
-        console.print(f"reused {report.shards_reused} embedding shards of an interrupted run.")
+    print_collection_notes(report, "is already indexed", "are not indexed", "failed.json")
     console.print(f"index {_key(index['key'], index['parameters'])} ({index['reason']}): recall@{index['recall_k']} "
                   f"{index['recall']:.3f} vs exact, {index['latency_ms']:.3f} ms/query batched "
                   f"(exact {index['exact_latency_ms']:.3f}).", highlight=False)

@@ -41,16 +41,20 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Table:
 
 
 def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Optional[Path], overrides: list[str],
-               rerank: Optional[str] = None) -> None:
+               rerank: Optional[str] = None, singletons: str = "exclude") -> None:
     from finegrain.eval.rerank import Rerank
     from finegrain.train.retrieval import evaluate_saved_embedder
 
     if weights is None:
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
     recipe, report = evaluate_saved_embedder(weights, recipe_name, data, overrides,
-                                             rerank=Rerank(rerank) if rerank else None)
-    results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind} "
-                  f"({report.n_excluded_singletons} without another image of their class excluded)", highlight=False)
+                                             rerank=Rerank(rerank) if rerank else None, singletons=singletons)
+    protocol = ("queries with nothing of their class to find counted as misses (the release's protocol)"
+                if singletons == "miss" else
+                f"{report.n_excluded_singletons} with nothing of their class to find left out (--singletons miss "
+                "counts them as misses, as the release did)")
+    results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind}; {protocol}",
+                  highlight=False)
     title = "zero-shot retrieval" + (f", re-ranked by {rerank}" if rerank else "")
     results.print(_metrics_table(title, {"%": report.to_metrics()}))
 
@@ -70,6 +74,9 @@ def retrieval(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
     rerank: Optional[str] = typer.Option(None, "--rerank", help="With --eval-only: re-rank each query's neighbours "
                                          "by aqe, dba or kreciprocal before scoring"),
+    singletons: str = typer.Option("exclude", "--singletons", help="With --eval-only: queries with nothing of their "
+                                   "class to find are left out (exclude) or counted as misses (miss: the "
+                                   "authors' release, to compare with its numbers)"),
 ) -> None:
     """Fine-tune a GeM embedder with a metric loss; Recall@K / MAP@R on unseen classes every epoch."""
     from finegrain.train import report
@@ -78,10 +85,12 @@ def retrieval(
     overrides = list(assignments or [])
     if rerank and not eval_only:
         raise FinegrainError("--rerank re-ranks an evaluation. Add --eval-only (training always scores plain search).")
+    if singletons != "exclude" and not eval_only:
+        raise FinegrainError("--singletons chooses how --eval-only counts queries. Add --eval-only.")
     if eval_only:
         if resume:
             raise FinegrainError("--eval-only and --resume do not go together. Drop one of them.")
-        _eval_only(recipe, weights, data, overrides, rerank)
+        _eval_only(recipe, weights, data, overrides, rerank, singletons)
         return
     if data is not None:
         overrides.append(f"data.root={quoted(data)}")

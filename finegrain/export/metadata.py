@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import lzma
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ from finegrain.models.metadata import FIX, CheckpointInfo, to_metadata
 TORCHSCRIPT_EXTRA = "finegrain.json"
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_TORCHSCRIPT_BYTES = 8 * 1024**3
+# What zipfile raises for a damaged archive besides BadZipFile: a broken deflate or LZMA stream, an
+# unsupported method or flag (NotImplementedError), an encrypted entry (RuntimeError), a cut stream.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, RuntimeError,
+              UnicodeDecodeError, OSError)
 
 
 def export_metadata(model: nn.Module, spec: ExportSpec) -> dict[str, str]:
@@ -56,7 +62,7 @@ def _torchscript_metadata(path: Path) -> dict[str, Any]:
                                      f"{MAX_METADATA_CHARS}. {FIX}")
             with archive.open(entries[0]) as handle:
                 text = handle.read(MAX_METADATA_CHARS + 1).decode("utf-8")
-    except (zipfile.BadZipFile, UnicodeDecodeError, OSError) as error:
+    except ZIP_ERRORS as error:
         raise FinegrainError(f"{path} is not a readable TorchScript archive ({str(error)[:200]}). {FIX}") from None
     try:
         value = json.loads(text)

@@ -113,6 +113,16 @@ def _index_section(vectors: np.ndarray, index_key: str | None, max_memory: int, 
     return index, section
 
 
+def check_build_options(out: Path, recall_target: float, recall_k: int) -> None:
+    """Refuse a bad recall target or an --out that is something else than an index, before any work."""
+    if not 0.0 < recall_target <= 1.0:
+        raise FinegrainError(f"--recall-target {recall_target} is not in (0, 1]. Use e.g. 0.95.")
+    if recall_k < 1:
+        raise FinegrainError(f"--recall-k {recall_k} must be at least 1. Use e.g. 10.")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise FinegrainError(f"{out} exists and is not a finegrain index. Choose a new --out folder.")
+
+
 def build_index(images: str | Path, out: str | Path, *, weights: str | Path, index_key: str | None = None,
                 max_memory: str | int = "4G", recall_target: float = 0.95, recall_k: int = 10, batch_size: int = 64,
                 device: str | None = None, workers: int = 0, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -122,13 +132,8 @@ def build_index(images: str | Path, out: str | Path, *, weights: str | Path, ind
     Embedding shards go to a work folder beside `out` and are reused if the build is run again
     after an interruption; the folder is removed once the index is written.
     """
-    if not 0.0 < recall_target <= 1.0:
-        raise FinegrainError(f"--recall-target {recall_target} is not in (0, 1]. Use e.g. 0.95.")
-    if recall_k < 1:
-        raise FinegrainError(f"--recall-k {recall_k} must be at least 1. Use e.g. 10.")
     out, root = Path(out), Path(images)
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise FinegrainError(f"{out} exists and is not a finegrain index. Choose a new --out folder.")
+    check_build_options(out, recall_target, recall_k)
     budget = parse_memory(max_memory)
     start = time.perf_counter()
     info = distributed.init_distributed()  # torchrun: the embedding is sharded across ranks

@@ -33,7 +33,7 @@ from finegrain import __version__, distributed
 from finegrain.errors import FinegrainError
 from finegrain.eval.embed import DEFAULT_SHARD_SIZE
 from finegrain.fileio import atomic_path, sha256_file
-from finegrain.index.build import (BuildReport, _embed_items, _index_section, _new_items, list_images, load_weights,
+from finegrain.index.build import (BuildReport, _embed_items, check_build_options, _index_section, _new_items, list_images, load_weights,
                                    model_record)
 from finegrain.index.embedding_files import (EMBEDDINGS_MANIFEST, FORMAT, FORMAT_VERSION, ITEM_COLUMNS, ITEMS_CSV,
                                              read_csv, read_embed_manifest, read_npy, unit_rows, whole_number)
@@ -194,13 +194,8 @@ def build_index_from_embeddings(source: str | Path, out: str | Path, *, metadata
                                 recall_target: float = 0.95, recall_k: int = 10,
                                 progress: bool = True) -> BuildReport:
     """An index folder at `out` from a `finegrain embed` folder or from .npy embeddings (see above)."""
-    if not 0.0 < recall_target <= 1.0:
-        raise FinegrainError(f"--recall-target {recall_target} is not in (0, 1]. Use e.g. 0.95.")
-    if recall_k < 1:
-        raise FinegrainError(f"--recall-k {recall_k} must be at least 1. Use e.g. 10.")
     source, out = Path(source), Path(out)
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise FinegrainError(f"{out} exists and is not a finegrain index. Choose a new --out folder.")
+    check_build_options(out, recall_target, recall_k)
     budget = parse_memory(max_memory)
     start = time.perf_counter()
     if (source / EMBEDDINGS_MANIFEST).is_file():

@@ -217,4 +217,20 @@ def load_onnx_model(path: str | Path, threads: int | None = None) -> OnnxModel:
         raise FinegrainError(f"{path} is not an ONNX model onnxruntime can load ({str(error)[:200]}). "
                              f"{FIX}") from None
     exported = parse_export_metadata(dict(session.get_modelmeta().custom_metadata_map), path)
+    check_signature(session, exported.spec, path)
     return OnnxModel(session, exported, path)
+
+
+def check_signature(session: Any, spec: ExportSpec, path: Path) -> None:
+    """The graph takes the one input its metadata describes and gives a float output, so that a
+    damaged file is refused here by name, not by onnxruntime in the middle of an evaluation."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    side, batch = spec.resolution, spec.batch
+    dtype, dims = (("float", (batch, 3, side, side)) if spec.input_kind == "float_nchw"
+                   else ("uint8", (batch, side, side, 3)))
+    shape = inputs[0].shape if len(inputs) == 1 else []
+    if (len(inputs) != 1 or inputs[0].type != f"tensor({dtype})" or len(shape) != 4
+            or any(isinstance(got, int) and want is not None and got != want for got, want in zip(shape, dims))
+            or not outputs or outputs[0].type != "tensor(float)"):
+        raise FinegrainError(f"{path}: its graph does not match its metadata, which promises one {dtype} input of "
+                             f"shape {['batch' if d is None else d for d in dims]} and a float output. {FIX}")

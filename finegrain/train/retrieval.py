@@ -203,12 +203,14 @@ def run_retrieval(recipe: RetrievalRecipe, run_dir: str | Path, resume: bool = F
 
 
 def evaluate_saved_embedder(weights: Path, recipe_name: str | None, data: Path | None,
-                            overrides: list[str], rerank: Any = None) -> tuple[RetrievalRecipe, Any]:
+                            overrides: list[str], rerank: Any = None,
+                            singletons: str = "exclude") -> tuple[RetrievalRecipe, Any]:
     """Recall@K / MAP@R of a saved embedder on its recipe's unseen test classes.
 
     The recipe is the one given, else the run directory's resolved recipe.yaml beside the
     weights, else the one the checkpoint records; the data folder likewise defaults to the one
-    the checkpoint was trained on. `rerank`: an eval.rerank.Rerank. Returns (recipe, RetrievalReport,
+    the checkpoint was trained on. `rerank`: an eval.rerank.Rerank; `singletons`: "exclude" or "miss"
+    (eval.query_gallery). Returns (recipe, RetrievalReport,
     or a QueryGalleryReport where the data set has a separate query set and gallery).
     """
     from finegrain.eval.retrieval_eval import evaluate_retrieval
@@ -227,5 +229,5 @@ def evaluate_saved_embedder(weights: Path, recipe_name: str | None, data: Path |
     splits = load_zero_shot_splits(recipe)
     report = evaluate_retrieval(weights, splits.get("query", splits["test"]), recipe.retrieval.recall_ks,
                                 recipe.train.eval_batch_size or recipe.train.batch_size, recipe.train.workers,
-                                gallery=splits.get("gallery"), rerank=rerank)
+                                gallery=splits.get("gallery"), rerank=rerank, singletons=singletons)
     return recipe, report
