@@ -288,7 +288,7 @@ def test_eval_only_counts_singleton_queries_as_misses_on_request(tmp_path):
             assert f"{100 * reports[rule].to_metrics()[key]:.2f}" in line
     words = {rule: " ".join(result.stdout.split()) for rule, result in printed.items()}  # rich wraps lines
     assert "15 queries" in words["exclude"] and "1 with nothing of their class to find left out" in words["exclude"]
-    assert "16 queries" in words["miss"] and "counted as misses (the release's protocol)" in words["miss"]
+    assert "16 queries" in words["miss"] and "1 with nothing of their class to find counted as misses" in words["miss"]
 
     bad = runner.invoke(_retrieval_cli(), [*command, "--singletons", "drop"])
     assert isinstance(bad.exception, FinegrainError) and "must be exclude or miss, got 'drop'" in str(bad.exception)

@@ -49,8 +49,8 @@ def _eval_only(recipe_name: Optional[str], weights: Optional[Path], data: Option
         raise FinegrainError("--eval-only needs the checkpoint to evaluate. Pass --weights RUN/best.safetensors.")
     recipe, report = evaluate_saved_embedder(weights, recipe_name, data, overrides,
                                              rerank=Rerank(rerank) if rerank else None, singletons=singletons)
-    protocol = ("queries with nothing of their class to find counted as misses (the release's protocol)"
-                if singletons == "miss" else
+    protocol = (f"{report.n_singletons_as_misses} with nothing of their class to find counted as misses "
+                "(the release's protocol)" if singletons == "miss" else
                 f"{report.n_excluded_singletons} with nothing of their class to find left out (--singletons miss "
                 "counts them as misses, as the release did)")
     results.print(f"{weights}: {report.n_queries} queries on the test classes of {recipe.data.kind}; {protocol}",

@@ -52,6 +52,11 @@ class QueryGalleryReport:
         """Queries left out of the means (RetrievalReport's name for them)."""
         return self.n_without_positive if self.singletons == "exclude" else 0
 
+    @property
+    def n_singletons_as_misses(self) -> int:
+        """Queries scored as misses for having nothing to find (RetrievalReport's name for them)."""
+        return self.n_without_positive if self.singletons == "miss" else 0
+
     def to_metrics(self) -> dict[str, float]:
         """`recall@K`, `map@r` and their class-balanced `balanced_recall@K`, `balanced_map@r`."""
         metrics = {f"recall@{k}": value for k, value in self.recall.items()}
@@ -136,7 +141,7 @@ def singletons_as_misses(report: RetrievalReport) -> RetrievalReport:
     total = report.n_queries + report.n_excluded_singletons
     recall = {k: round(value * report.n_queries) / total for k, value in report.recall.items()}  # hits are integers
     return replace(report, recall=recall, map_at_r=report.map_at_r * report.n_queries / total, n_queries=total,
-                   n_excluded_singletons=0)
+                   n_excluded_singletons=0, n_singletons_as_misses=report.n_excluded_singletons)
 
 
 def _class_balanced(values: np.ndarray, classes: np.ndarray) -> float:

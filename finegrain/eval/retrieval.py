@@ -50,13 +50,15 @@ class RetrievalReport:
     """Everything one neighbour search yields; fractions in [0, 1].
 
     n_queries counts the queries that were scored; n_excluded_singletons those left out because
-    their class has no other member (their Recall and AP are undefined).
+    their class has no other member (their Recall and AP are undefined); n_singletons_as_misses
+    those scored as misses instead (the release's protocol, eval/query_gallery.py).
     """
 
     recall: dict[int, float]
     map_at_r: float
     n_queries: int
     n_excluded_singletons: int
+    n_singletons_as_misses: int = 0
 
     def to_metrics(self) -> dict[str, float]:
         """Flat `recall@K` / `map@r` keys, as written to metrics.jsonl."""
