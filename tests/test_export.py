@@ -300,3 +300,14 @@ def test_damaged_export_metadata_is_refused_by_name(tmp_path):
         describe(tmp_path / "bare.onnx")
     with pytest.raises(FinegrainError, match="exported for 32x32 inputs"):
         load_onnx_model(path)(torch.zeros(1, 3, 48, 48))
+
+
+def test_a_graph_without_its_input_or_a_damaged_torchscript_zip_is_refused():
+    """Defects the exported-file fuzzer found (tests/fuzz/fuzz_exported.py), each one clear message."""
+    found = Path(__file__).parent / "fuzz" / "regressions" / "exported"
+    with pytest.raises(FinegrainError, match="does not match its metadata.*one float input"):
+        load_onnx_model(found / "graph_without_input.onnx")
+    for name in ("torchscript_encrypted_flag.pt", "torchscript_compression_method_99.pt",
+                 "torchscript_broken_deflate_stream.pt"):
+        with pytest.raises(FinegrainError, match="not a readable TorchScript archive"):
+            describe(found / name)

@@ -60,6 +60,8 @@ NUMBERS = ["0", "-1", "1", "2", "7", "13", "1000", "1001", "16384", "16385", "10
 NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 DIMS = [0, 1, 2, 3, 32, -1, 1 << 31, (1 << 63) - 1]
 OPS = ["Identity", "Relu", "Gemm", "Reshape", "Expand", "Tile", "ConstantOfShape", "Loop", "If", "NoSuchOp", ""]
+# Where an initializer's external data may point: outside the model's folder, a device, itself, nothing.
+EXTERNAL = ["/dev/zero", "../../../dev/zero", "/etc/hostname", "input.onnx", "missing.bin", ""]
 _workdir: list[Path] = []
 fuzzing = False  # atheris.Mutate works only inside atheris.Fuzz()
 
@@ -168,9 +170,15 @@ def mutate_onnx(data: bytes, rng: random.Random) -> bytes | None:
             node.input[rng.randrange(len(node.input))] = rng.choice(["", "images", "missing", node.name])
         else:
             graph.node.remove(node)
-    elif choice == 12 and graph.initializer:  # an initializer's dims or data
+    elif choice == 12 and graph.initializer:  # an initializer's dims or data, or its data in another file
         tensor = graph.initializer[rng.randrange(len(graph.initializer))]
-        if tensor.dims and rng.random() < 0.5:
+        if rng.random() < 0.2:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", rng.choice(EXTERNAL)), ("offset", rng.choice(["0", "-1", "8"])),
+                               ("length", str(rng.choice([0, 12, 36, 1 << 40])))):
+                tensor.external_data.add(key=key, value=value)
+        elif tensor.dims and rng.random() < 0.5:
             tensor.dims[rng.randrange(len(tensor.dims))] = rng.choice(DIMS)
         else:
             tensor.raw_data = tensor.raw_data[:rng.randrange(len(tensor.raw_data) + 1)] + bytes(rng.randrange(8))
