@@ -105,6 +105,40 @@ def _embed_items(model: nn.Module, items: list[Item], fingerprint: str, work_dir
     return result.embeddings, kept, result.failed, result.shards_reused
 
 
+@dataclass
+class CollectionPass:
+    """The embeddings of a folder's new images, for an index or an embed folder about to be written."""
+
+    model: nn.Module
+    fingerprint: str
+    vectors: np.ndarray
+    kept: list[Item]
+    failed: list[tuple[str, str]]
+    duplicates: list[str]
+    reused: int
+    work_dir: Path
+    is_main: bool
+
+
+def embed_collection(weights: str | Path, root: Path, out: Path, *, batch_size: int, device: str | None,
+                     workers: int, shard_size: int, progress: bool,
+                     on_shard: Callable[[int, bool], None] | None) -> CollectionPass:
+    """Embed every image under `root` (torchrun shares the work) in resumable shards kept beside
+    `out` until it is written; rank 0 refuses a folder where no image decodes."""
+    info = distributed.init_distributed()
+    model, fingerprint = load_weights(weights)
+    items, duplicates, failed = _new_items(list_images(root), root, set(), progress)
+    work_dir = out.parent / f".{out.name}.embedding-work"
+    vectors, kept, bad, reused = _embed_items(model, items, fingerprint, work_dir, first_id=0, batch_size=batch_size,
+                                              device=device, workers=workers, shard_size=shard_size, progress=progress,
+                                              on_shard=on_shard)
+    failed += bad
+    if info.is_main and not kept:
+        raise FinegrainError(f"None of the images under {root} could be decoded (e.g. {failed[0][0]}: {failed[0][1]}). "
+                             "Check the folder.")
+    return CollectionPass(model, fingerprint, vectors, kept, failed, duplicates, reused, work_dir, info.is_main)
+
+
 def _index_section(vectors: np.ndarray, index_key: str | None, max_memory: int, recall_target: float,
                    recall_k: int, progress: bool):
     index, report = build_tuned_index(vectors, index_key=index_key, max_memory=max_memory,
@@ -136,28 +170,21 @@ def build_index(images: str | Path, out: str | Path, *, weights: str | Path, ind
     check_build_options(out, recall_target, recall_k)
     budget = parse_memory(max_memory)
     start = time.perf_counter()
-    info = distributed.init_distributed()  # torchrun: the embedding is sharded across ranks
-    model, fingerprint = load_weights(weights)
-    items, duplicates, failed = _new_items(list_images(root), root, set(), progress)
-    work_dir = out.parent / f".{out.name}.embedding-work"
-    vectors, kept, bad, reused = _embed_items(model, items, fingerprint, work_dir, first_id=0, batch_size=batch_size,
-                                              device=device, workers=workers, shard_size=shard_size, progress=progress,
-                                              on_shard=on_shard)
-    failed += bad
-    if not info.is_main:  # rank 0 alone tunes and writes the index
-        return BuildReport({}, len(kept), failed, duplicates, reused)
-    if not kept:
-        raise FinegrainError(f"None of the images under {root} could be decoded (e.g. {failed[0][0]}: {failed[0][1]}). "
-                             "Check the folder.")
-    index, section = _index_section(vectors, index_key, budget, recall_target, recall_k, progress)
+    pass_ = embed_collection(weights, root, out, batch_size=batch_size, device=device, workers=workers,
+                             shard_size=shard_size, progress=progress, on_shard=on_shard)
+    failed, duplicates = pass_.failed, pass_.duplicates
+    if not pass_.is_main:  # rank 0 alone tunes and writes the index
+        return BuildReport({}, len(pass_.kept), failed, duplicates, pass_.reused)
+    index, section = _index_section(pass_.vectors, index_key, budget, recall_target, recall_k, progress)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifest = {"model": model_record(model, weights, fingerprint), "index": section,
+    manifest = {"model": model_record(pass_.model, weights, pass_.fingerprint), "index": section,
                 "build": {"created": now, "updated": now, "finegrain_version": __version__,
                           "sources": [str(root.resolve())], "failed": len(failed), "duplicates": len(duplicates),
                           "seconds": round(time.perf_counter() - start, 2)}}
-    written = write_index_folder(out, index=index, embeddings=vectors, items=kept, failed=failed, manifest=manifest)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return BuildReport(written, len(kept), failed, duplicates, reused)
+    written = write_index_folder(out, index=index, embeddings=pass_.vectors, items=pass_.kept, failed=failed,
+                                 manifest=manifest)
+    shutil.rmtree(pass_.work_dir, ignore_errors=True)
+    return BuildReport(written, len(pass_.kept), failed, duplicates, pass_.reused)
 
 
 def add_images(index_dir: str | Path, images: str | Path, *, weights: str | Path | None = None, batch_size: int = 64,

@@ -29,12 +29,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from finegrain import __version__, distributed
+from finegrain import __version__
 from finegrain.errors import FinegrainError
 from finegrain.eval.embed import DEFAULT_SHARD_SIZE
 from finegrain.fileio import atomic_path, sha256_file
-from finegrain.index.build import (BuildReport, _embed_items, check_build_options, _index_section, _new_items, list_images, load_weights,
-                                   model_record)
+from finegrain.index.build import BuildReport, _index_section, check_build_options, embed_collection, model_record
 from finegrain.index.embedding_files import (EMBEDDINGS_MANIFEST, FORMAT, FORMAT_VERSION, ITEM_COLUMNS, ITEMS_CSV,
                                              read_csv, read_embed_manifest, read_npy, unit_rows, whole_number)
 from finegrain.index.manifest import MAX_FILE_BYTES
@@ -64,19 +63,12 @@ def embed_images(images: str | Path, out: str | Path, *, weights: str | Path, ba
     if out.exists() and not (out / EMBEDDINGS_MANIFEST).is_file():
         raise FinegrainError(f"{out} exists and is not a `finegrain embed` folder. Choose a new --out folder.")
     start = time.perf_counter()
-    info = distributed.init_distributed()
-    model, fingerprint = load_weights(weights)
-    items, duplicates, failed = _new_items(list_images(root), root, set(), progress)
-    work_dir = out.parent / f".{out.name}.embedding-work"
-    vectors, kept, bad, reused = _embed_items(model, items, fingerprint, work_dir, first_id=0, batch_size=batch_size,
-                                              device=device, workers=workers, shard_size=shard_size, progress=progress,
-                                              on_shard=on_shard)
-    failed += bad
-    if not info.is_main:  # rank 0 alone writes the folder
+    pass_ = embed_collection(weights, root, out, batch_size=batch_size, device=device, workers=workers,
+                             shard_size=shard_size, progress=progress, on_shard=on_shard)
+    model, fingerprint, vectors, kept = pass_.model, pass_.fingerprint, pass_.vectors, pass_.kept
+    failed, duplicates, reused, work_dir = pass_.failed, pass_.duplicates, pass_.reused, pass_.work_dir
+    if not pass_.is_main:  # rank 0 alone writes the folder
         return EmbedReport({}, failed, duplicates, reused)
-    if not kept:
-        raise FinegrainError(f"None of the images under {root} could be decoded (e.g. {failed[0][0]}: {failed[0][1]}). "
-                             "Check the folder.")
     with atomic_path(out) as tmp:
         tmp.mkdir()
         shards = []
