@@ -8,11 +8,10 @@ is refused (a query found as its own neighbour would count as a hit).
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 from finegrain.data.base import Split, register, require_file, samples_from
-from finegrain.data.lists import MAX_LIST_BYTES, MAX_LIST_LINES, check_unique, read_bounded, relative_path
+from finegrain.data.lists import MAX_LIST_BYTES, MAX_LIST_LINES, check_unique, csv_rows, relative_path
 from finegrain.errors import FinegrainError
 
 COLUMNS = ("path", "label", "split", "is_query", "is_gallery")
@@ -62,12 +61,7 @@ def load_csv(root: Path, file: str = DEFAULT_FILE) -> dict[str, Split]:
 
 def _rows(path: Path) -> list[tuple[list[str], str]]:
     """(the five fields, "FILE, line N") of each data row, after the header; bounded and checked."""
-    data = read_bounded(path, MAX_LIST_BYTES, "data set CSV")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise FinegrainError(f"{path}: not UTF-8 text (byte {error.start}). Save the file as UTF-8.") from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv_rows(path, MAX_LIST_BYTES, "data set CSV")
     rows = []
     try:
         header = next(reader, None)

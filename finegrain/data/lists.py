@@ -6,10 +6,12 @@ the file and line to fix (`Line.where`) instead of surfacing later as a wrong la
 """
 from __future__ import annotations
 
+import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from finegrain.errors import FinegrainError
 
@@ -52,6 +54,17 @@ def read_bounded(path: Path, limit: int, what: str) -> bytes:
         raise FinegrainError(f"{path} is larger than {size}, far beyond any {what} of the supported data sets. "
                              f"{_ORIGINAL}.")
     return data
+
+
+def csv_rows(path: Path, limit: int, what: str) -> Iterator[list[str]]:
+    """The rows of a UTF-8 CSV file (header first), bounded like `read_bounded`; malformed quoting
+    surfaces as csv.Error from the iterator, for the caller to name the line."""
+    data = read_bounded(path, limit, what)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise FinegrainError(f"{path}: not UTF-8 text (byte {error.start}). Save the file as UTF-8.") from None
+    return csv.reader(io.StringIO(text, newline=""), strict=True)
 
 
 def read_lines(path: Path) -> list[Line]:

@@ -9,7 +9,6 @@ error names the file and line.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from finegrain.data.lists import read_bounded
+from finegrain.data.lists import csv_rows, read_bounded
 from finegrain.errors import FinegrainError
 from finegrain.fileio import sha256_file
 from finegrain.index.manifest import MAX_DIM, MAX_TEXT, _check_model
@@ -86,12 +85,7 @@ def unit_rows(array: np.ndarray, where: str, *, normalise: bool) -> np.ndarray:
 
 def read_csv(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Rows of a header-first UTF-8 CSV, each a {column: text} of the known columns, fields checked for size."""
-    data = read_bounded(path, MAX_CSV_BYTES, "metadata file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise FinegrainError(f"{path}: not UTF-8 text (byte {error.start}). Save the file as UTF-8.") from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv_rows(path, MAX_CSV_BYTES, "metadata file")
     try:
         header = next(reader, None)
         if header is None or not set(required) <= set(header) or len(set(header)) != len(header):
